@@ -1,0 +1,850 @@
+"""``DRGDataModule``: prepared splits -> tokenised once (cached) -> length-bucketed batches for the classifier.
+
+The data module reads a prepared folder (``python -m drg_llama.data prepare``: ``train/val/test.parquet`` and
+``manifest.json``) or, with ``data_dir=None``, builds the embedded default: a synthetic corpus of ``synthetic_n``
+admissions, synthesised and prepared once into the cache (``$DRG_LLAMA_CACHE`` or ``~/.cache/drg_llama``).
+
+    from drg_llama.data.datamodule import DRGDataModule
+
+    dm = DRGDataModule(data_dir="data/prepared", variant="two_label", tokenizer="smollm2_135m", max_length=512)
+    dm.label_space                  # available right after __init__ (no tokenisation), for LightningCLI linking
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    dm.padding_efficiency("train")  # {"bucketed": 0.97, "random": 0.62, ...}
+
+With LightningCLI the label space goes to the model with
+``parser.link_arguments("data.label_space", "model.label_space", apply_on="instantiate")``.
+
+Choices, and why:
+
+* **Label space without tokenising.** ``label_space`` is a lazy property: the first access resolves the data folder
+  (building the embedded default if needed), checks the manifest's DRG version and reads only the ``drg_code``
+  column of the training rows. Classes are the DRGs of the rows trained on (after ``limit_train``).
+* **Unseen DRGs are kept.** Val/test admissions whose DRG is not a class (not seen in training) keep label -1, so they
+  count as errors; the count is logged once per split. Dropping them would inflate accuracy.
+* **Tokenise once.** Each split is tokenised with ``datasets`` ``map(batched=True)`` into an Arrow file keyed by
+  the tokenizer's content hash, ``max_length``, ``truncation``, the row limit and the Parquet file's size and
+  mtime; later runs memory-map that file and never call the tokenizer. The ``text`` column is dropped there, so
+  text never reaches a batch, a log line or a progress bar (they show counts only). Files live in
+  ``DATA_DIR/tokenized/``, or under the cache when the data folder is read-only.
+* **Truncation** happens on token ids, inside the tokenizer's special tokens (BOS/EOS kept): ``head`` keeps the
+  first ``max_length`` tokens, ``tail`` the last, ``head_tail`` the first and last halves (discharge notes put the
+  final diagnoses and procedures late in the course).
+* **Length buckets.** Training batches are sorted by length inside shuffled mega-batches of
+  ``bucket_mega_batches * batch_size`` rows, then the batch order is shuffled — deterministic in (seed, epoch).
+  Evaluation batches are globally sorted by length, longest first (an out-of-memory shows at the first step).
+  Every batch carries ``row`` (position in its split), so predictions can be put back in the original order.
+  The sampler subclasses ``DistributedSampler`` so Lightning keeps it under DDP; it shards whole batches by rank.
+
+Batch (what ``DRGClassifier`` consumes), ``B`` rows padded to the longest in the batch rounded up to a multiple
+of 8 (``T``), on the tokenizer's padding side:
+
+    input_ids       [B, T] long   token ids, pad_token_id on padding
+    attention_mask  [B, T] long   1 on real tokens
+    labels          [B] long      class index in label_space.drgs, -1 if the DRG is not a class
+    base_labels     [B] long      two_label: index in label_space.bases (-1 if not a class); single_label: -1
+    severity_mask   [B, 3] bool   severities NONE/CC/MCC the DRG admits (292 -> CC only; 872 -> NONE, CC)
+    row             [B] long      row position in the split (or in the texts given to texts_dataloader)
+    hadm_id         [B] long      admission id (-1 for texts_dataloader ids that are not integers)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from drg_llama.drg import SEVERITIES, LabelSpace, get_table, resolve_version
+from drg_llama.models.backbone import SMOLLM2_NAME, BackboneConfig, default_cache_dir, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+TRUNCATIONS = ("head", "tail", "head_tail")
+#: Sequence lengths are padded up to a multiple of this (tensor-core friendly shapes, fewer recompiles).
+PAD_MULTIPLE = 8
+#: Columns of ``split_frame``: everything an evaluation writer needs, never the text.
+FRAME_COLUMNS = ("hadm_id", "subject_id", "drg_code", "base_drg", "mdc", "n_words")
+# Bump when the tokenised file layout or the truncation rule changes, so stale caches are not reused.
+_TOKENIZED_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenisation helpers (pure functions, tested on literal ids)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def truncate_ids(ids: Sequence[int], budget: int, mode: str) -> list[int]:
+    """Cut a token sequence to at most ``budget`` tokens.
+
+    Args:
+        ids: Token ids of the text, without special tokens.
+        budget: Tokens to keep (``max_length`` minus the special tokens).
+        mode: ``head`` (first tokens), ``tail`` (last tokens) or ``head_tail`` (first ``ceil(budget/2)`` and last
+            ``floor(budget/2)``).
+
+    Returns:
+        The kept ids, in their original order.
+    """
+    ids = list(ids)
+    if len(ids) <= budget:
+        return ids
+    if budget <= 0:
+        return []
+    if mode == "head":
+        return ids[:budget]
+    if mode == "tail":
+        return ids[-budget:]
+    if mode == "head_tail":
+        head = (budget + 1) // 2
+        tail = budget - head
+        return ids[:head] + (ids[-tail:] if tail else [])
+    raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {mode!r}")
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids the tokenizer adds before and after a text (e.g. LLaMA: ``[<s>]``, ``[]``; SmolLM2: ``[]``, ``[]``).
+
+    Found by encoding a probe with and without special tokens, so it works for any post-processor.
+    """
+    probe = "drg"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain) :])
+    return [], []  # an unusual post-processor that rewrites the text's ids: add nothing rather than guess
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what the tokenizer does (vocabulary, merges, normaliser, special tokens), not of its name.
+
+    Two tokenizers loaded from different paths but with the same content share a tokenised cache; a changed one
+    never reuses a stale cache.
+    """
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # slow tokenizer: its vocabulary is the best content proxy we have
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(special_tokens(tokenizer)).encode())
+    return h.hexdigest()[:16]
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int, truncation: str) -> list[list[int]]:
+    """Token ids of ``texts``: the text's ids truncated to fit ``max_length`` together with the special tokens."""
+    prefix, suffix = special_tokens(tokenizer)
+    budget = max_length - len(prefix) - len(suffix)
+    if budget < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for text after {len(prefix) + len(suffix)} specials")
+    # verbose=False: the "longer than model_max_length" warning is expected, we truncate right after.
+    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    return [prefix + truncate_ids(ids, budget, truncation) + suffix for ids in encoded]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets, sampler, collator
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TokenizedSplit(Dataset):
+    """Rows of one split: token ids (memory-mapped Arrow) plus label arrays computed from the label space.
+
+    Args:
+        input_ids: Indexable of token-id sequences (a ``datasets.Dataset`` column or a list).
+        lengths: [N] token counts.
+        labels: [N] class indices (-1 when not a class).
+        base_labels: [N] base indices (-1 for single_label or not a class).
+        severity_mask: [N, 3] allowed severities.
+        hadm_id: [N] admission ids.
+    """
+
+    def __init__(self, input_ids, lengths, labels, base_labels, severity_mask, hadm_id):
+        self.input_ids = input_ids
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.base_labels = np.asarray(base_labels, dtype=np.int64)
+        self.severity_mask = np.asarray(severity_mask, dtype=bool)
+        self.hadm_id = np.asarray(hadm_id, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "input_ids": self.input_ids[i],
+            "labels": self.labels[i],
+            "base_labels": self.base_labels[i],
+            "severity_mask": self.severity_mask[i],
+            "row": i,
+            "hadm_id": self.hadm_id[i],
+        }
+
+
+class _HFColumn:
+    """``ds[i]["input_ids"]`` of a ``datasets.Dataset`` without materialising the whole column."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset.with_format("numpy", columns=["input_ids"])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.dataset[int(i)]["input_ids"]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class LengthBucketSampler(DistributedSampler):
+    """Index sampler whose consecutive ``batch_size`` chunks are batches of similar length.
+
+    Training (``shuffle=True``): shuffle, cut into mega-batches of ``mega_batches * batch_size`` rows, sort each by
+    length (longest first), cut into batches, shuffle the batch order; the one short batch, if any, stays last so the
+    DataLoader's ``batch_size`` chunks line up with the batches. Evaluation (``shuffle=False``): sort the whole split
+    by length, longest first. With ``bucket=False`` the rows are not sorted (random or sequential batches).
+
+    Subclassing ``DistributedSampler`` makes Lightning leave it in place under DDP; it shards whole batches
+    (rank ``r`` takes batches ``r, r + W, ...``), padding with repeated rows so every rank gets the same number of
+    full batches. Repeated rows carry the same ``row``, so evaluation can drop them.
+
+    Args:
+        lengths: [N] token counts.
+        batch_size: Rows per batch.
+        shuffle: Shuffle (training) or keep a fixed order (evaluation).
+        bucket: Sort by length (within mega-batches when shuffling).
+        mega_batches: Batches per mega-batch (training only).
+        seed: Seed of the shuffle; the epoch (``set_epoch``) is mixed in.
+        num_replicas: World size.
+        rank: This process's rank.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        shuffle: bool,
+        bucket: bool = True,
+        mega_batches: int = 50,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        # Explicit replicas/rank: the parent would otherwise need torch.distributed initialised.
+        super().__init__(self.lengths, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.batch_size = batch_size
+        self.bucket = bucket
+        self.mega_batches = max(1, mega_batches)
+        self.resume_epoch, self.resume_batches = -1, 0
+
+    def skip_on_resume(self, epoch: int, batches: int) -> None:
+        """Leave out the first ``batches`` batches of ``epoch``: they were trained before the run was killed."""
+        self.resume_epoch, self.resume_batches = epoch, batches
+
+    def batches(self) -> list[np.ndarray]:
+        """This rank's batches for the current epoch, as arrays of row indices."""
+        n, size, world = len(self.lengths), self.batch_size, self.num_replicas
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.bucket and self.shuffle:
+            mega = size * self.mega_batches
+            chunks = [order[i : i + mega] for i in range(0, n, mega)]
+            # Stable sort: equal lengths keep their shuffled order, so the result depends only on (seed, epoch).
+            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]) if n else order
+        elif self.bucket:
+            order = np.argsort(-self.lengths, kind="stable")
+        batches = [order[i : i + size] for i in range(0, n, size)]
+        if self.shuffle and batches:
+            full = [b for b in batches if len(b) == size]
+            short = [b for b in batches if len(b) < size]
+            batches = [full[i] for i in rng.permutation(len(full))] + short
+        if world > 1 and batches:
+            if len(batches[-1]) < size:  # top up the short batch with rows from the start
+                batches[-1] = np.concatenate([batches[-1], np.resize(order, size - len(batches[-1]))])
+            batches += [batches[i % len(batches)] for i in range(-len(batches) % world)]
+            batches = batches[self.rank :: world]
+        return batches
+
+    def __iter__(self):
+        batches = self.batches()
+        if self.epoch == self.resume_epoch:
+            # The order depends only on (seed, epoch), so the resumed epoch continues exactly where it stopped.
+            batches = batches[self.resume_batches :]
+            self.resume_epoch = -1  # once: a later iteration of the same epoch number is a new pass
+        for batch in batches:
+            yield from batch.tolist()
+
+    def __len__(self) -> int:
+        n, world = len(self.lengths), self.num_replicas
+        if world == 1:
+            return n
+        n_batches = -(-n // self.batch_size)
+        return -(-n_batches // world) * self.batch_size
+
+
+class Collator:
+    """Pads a list of rows into the batch dict (see the module docstring) on ``padding_side``.
+
+    Args:
+        pad_token_id: Id written on padding positions (masked out by ``attention_mask``).
+        padding_side: ``left`` or ``right``.
+        pad_multiple: Padded length is rounded up to a multiple of this.
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_multiple: int = PAD_MULTIPLE):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.pad_token_id = int(pad_token_id)
+        self.padding_side = padding_side
+        self.pad_multiple = pad_multiple
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(r["input_ids"]) for r in rows]
+        width = -(-max(lengths) // self.pad_multiple) * self.pad_multiple
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # [B, T]
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            input_ids[i, span] = torch.as_tensor(np.asarray(row["input_ids"], dtype=np.int64))
+            attention_mask[i, span] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": torch.tensor([int(r["labels"]) for r in rows], dtype=torch.long),  # [B]
+            "base_labels": torch.tensor([int(r["base_labels"]) for r in rows], dtype=torch.long),  # [B]
+            "severity_mask": torch.as_tensor(np.stack([r["severity_mask"] for r in rows]), dtype=torch.bool),
+            "row": torch.tensor([int(r["row"]) for r in rows], dtype=torch.long),  # [B]
+            "hadm_id": torch.tensor([int(r["hadm_id"]) for r in rows], dtype=torch.long),  # [B]
+        }
+
+
+def padded_tokens(lengths: np.ndarray, batches: Sequence[np.ndarray], pad_multiple: int = PAD_MULTIPLE) -> int:
+    """Token positions the model computes on for ``batches``: sum of batch size x padded length."""
+    return int(sum(len(b) * (-(-int(lengths[b].max()) // pad_multiple) * pad_multiple) for b in batches if len(b)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedded default corpus
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def embedded_default_dir(n: int, seed: int, drg_version: str, cache_dir: str | Path | None = None) -> Path:
+    """Prepared folder of the embedded synthetic corpus for (n, seed, version), built on first use.
+
+    The corpus is synthesised into ``CACHE/synthetic/{version}-n{n}-seed{seed}/raw`` and prepared into
+    ``.../prepared``. Building happens in a private temporary folder that is renamed into place, so concurrent
+    processes (DDP ranks) never read a half-written folder; the first rename wins.
+    """
+    version = resolve_version(drg_version)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    final = root / "synthetic" / f"{version}-n{n}-seed{seed}"
+    prepared = final / "prepared"
+    if _manifest_ok(prepared, version):
+        return prepared
+    from drg_llama.data.mimic import prepare
+    from drg_llama.data.synthetic import synthesize
+
+    logger.info("Building the embedded synthetic corpus (%d admissions, seed %d, %s) in %s", n, seed, version, final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        synthesize(tmp / "raw", n, seed, version, progress=False)
+        prepare(tmp / "raw", tmp / "prepared", drg_version=version, seed=seed, progress=False)
+        if final.exists() and not _manifest_ok(prepared, version):
+            shutil.rmtree(final)  # an interrupted or stale build
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not _manifest_ok(prepared, version):  # someone else won the race only if their folder is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return prepared
+
+
+def _manifest_ok(folder: Path, version: str) -> bool:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("drg_version") == version and all((folder / f"{s}.parquet").is_file() for s in SPLITS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data module
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DRGDataModule(LightningDataModule):
+    """Prepared MS-DRG splits, tokenised once and batched by length, plus the label space for the model.
+
+    Args:
+        data_dir: Prepared folder (train/val/test.parquet + manifest.json); None builds the embedded synthetic
+            default into the cache ($DRG_LLAMA_CACHE or ~/.cache/drg_llama) once and reuses it.
+        variant: Label space: "single_label" (one output per DRG) or "two_label" (base DRG + NONE/CC/MCC).
+        drg_version: MS-DRG version of the classes; must match the prepared folder's manifest.
+        tokenizer: Tokenizer source as the backbone loader reads it: "smollm2_135m", a local HF folder, a .gguf
+            file, a hub id, or "byte"; None to wait for set_tokenizer (the model injects its own).
+        max_length: Tokens per note, special tokens included.
+        truncation: Which tokens of a longer note to keep: "head", "tail" or "head_tail" (first and last halves).
+        batch_size: Training rows per batch.
+        eval_batch_size: Validation/test/predict rows per batch; default batch_size.
+        num_workers: DataLoader worker processes.
+        bucket_by_length: Sort training rows by length within shuffled mega-batches (and eval rows globally) to cut
+            padding; False gives plain random (train) or sequential (eval) batches.
+        bucket_mega_batches: Training batches per mega-batch that is sorted by length.
+        padding_side: "left" or "right"; None follows the tokenizer.
+        limit_train: Use only the first N training rows (demos, tests); None for all.
+        limit_val: Use only the first N validation rows; None for all.
+        limit_test: Use only the first N test rows; None for all.
+        seed: Seed of the batch shuffle (mixed with the epoch) and of the embedded synthetic corpus.
+        synthetic_n: Admissions in the embedded synthetic corpus (only when data_dir is None).
+        cache_dir: Cache root for the embedded corpus and for tokenised files of read-only data folders; default
+            $DRG_LLAMA_CACHE or ~/.cache/drg_llama.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        variant: Literal["single_label", "two_label"] = "two_label",
+        drg_version: str = "v43",
+        tokenizer: str | None = SMOLLM2_NAME,
+        max_length: int = 512,
+        truncation: Literal["head", "tail", "head_tail"] = "head",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        bucket_by_length: bool = True,
+        bucket_mega_batches: int = 50,
+        padding_side: Literal["left", "right"] | None = None,
+        limit_train: int | None = None,
+        limit_val: int | None = None,
+        limit_test: int | None = None,
+        seed: int = 0,
+        synthetic_n: int = 5000,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        if variant not in ("single_label", "two_label"):
+            raise ValueError(f"variant must be 'single_label' or 'two_label', got {variant!r}")
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError("batch_size and eval_batch_size must be >= 1")
+        for name, limit in (("limit_train", limit_train), ("limit_val", limit_val), ("limit_test", limit_test)):
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {limit}")
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.variant = variant
+        self.drg_version = resolve_version(drg_version)
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.truncation = truncation
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.bucket_by_length = bucket_by_length
+        self.bucket_mega_batches = bucket_mega_batches
+        self.padding_side = padding_side
+        self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
+        self.seed = seed
+        self.synthetic_n = synthetic_n
+        self.cache_dir = cache_dir
+
+        self._folder: Path | None = None
+        self._label_space: LabelSpace | None = None
+        self._tokenizer = None
+        self._resume: dict[str, int] | None = None
+        self._tokenizer_fp: str | None = None
+        self._datasets: dict[str, TokenizedSplit] = {}
+        self._predict: tuple[list[str], list[Any]] | None = None
+        #: Rows per split whose DRG is not a class of the label space (kept with label -1).
+        self.unseen_counts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # data folder and label space
+
+    @property
+    def prepared_dir(self) -> Path:
+        """The prepared folder, after checking its manifest (builds the embedded default on first access)."""
+        if self._folder is None:
+            if self.data_dir is None:
+                folder = embedded_default_dir(self.synthetic_n, self.seed, self.drg_version, self.cache_dir)
+            else:
+                folder = Path(self.data_dir).expanduser()
+            self._check_folder(folder)
+            self._folder = folder
+        return self._folder
+
+    def _check_folder(self, folder: Path) -> None:
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a prepared folder (no manifest.json); create one with "
+                f"`python -m drg_llama.data prepare --mimic-root ROOT --out {folder}`, or leave data_dir unset for "
+                "the embedded synthetic corpus."
+            )
+        manifest = json.loads(manifest_path.read_text())
+        prepared = manifest.get("drg_version")
+        if prepared is None or resolve_version(prepared) != self.drg_version:
+            raise ValueError(
+                f"{folder} was prepared with {prepared} but drg_version is {self.drg_version}; re-run prepare or set "
+                f"--data.drg_version {prepared}"
+            )
+        missing = [s for s in SPLITS if not (folder / f"{s}.parquet").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks {', '.join(s + '.parquet' for s in missing)}; re-run prepare.")
+
+    @property
+    def label_space(self) -> LabelSpace:
+        """Classes of this run: the DRGs of the training rows (two_label: their whole families). No tokenising."""
+        if self._label_space is None:
+            codes = self._read_columns("train", ["drg_code"])["drg_code"]
+            if not len(codes):
+                raise ValueError(f"{self.prepared_dir / 'train.parquet'} has no rows; nothing to train on.")
+            self._label_space = LabelSpace.build(self.drg_version, self.variant, codes.unique().tolist())
+        return self._label_space
+
+    def _read_columns(self, split: str, columns: list[str]) -> pd.DataFrame:
+        """The first ``limit`` rows of a split, given columns only (never loads the text unless asked)."""
+        path = self.prepared_dir / f"{split}.parquet"
+        limit = self.limits[split]
+        if limit is None:
+            return pq.read_table(path, columns=columns).to_pandas()
+        parts, total = [], 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=min(limit, 65_536), columns=columns):
+            parts.append(batch.to_pandas())
+            total += batch.num_rows
+            if total >= limit:
+                break
+        frame = pd.concat(parts, ignore_index=True) if parts else pq.read_table(path, columns=columns).to_pandas()
+        return frame.iloc[:limit].reset_index(drop=True)
+
+    def split_frame(self, split: str) -> pd.DataFrame:
+        """Admission facts of a split for evaluation writers, in row order (index = ``row``); no text.
+
+        Columns: hadm_id, subject_id, drg_code, base_drg, mdc, n_words.
+        """
+        _check_split(split)
+        frame = self._read_columns(split, list(FRAME_COLUMNS))
+        frame.index.name = "row"
+        return frame
+
+    # ------------------------------------------------------------------------------------------------------------
+    # tokenizer
+
+    @property
+    def tokenizer(self):
+        """The tokenizer: injected by ``set_tokenizer``, else loaded from ``tokenizer`` by the backbone loader."""
+        if self._tokenizer is None:
+            if self.tokenizer_name is None:
+                raise RuntimeError(
+                    "DRGDataModule has no tokenizer: set data.tokenizer (e.g. smollm2_135m or a folder) or call "
+                    "set_tokenizer(tokenizer) before requesting batches."
+                )
+            cfg = BackboneConfig(tokenizer=self.tokenizer_name, padding_side=self.padding_side or "right")
+            self.set_tokenizer(load_tokenizer(cfg))
+        return self._tokenizer
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Use ``tokenizer`` (the model's own) from now on; datasets tokenised with a different one are rebuilt."""
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; load it with drg_llama.models.backbone.load_tokenizer")
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        if self._tokenizer_fp is not None and fingerprint != self._tokenizer_fp:
+            logger.warning("set_tokenizer: a different tokenizer than before; tokenised datasets will be rebuilt.")
+            self._datasets.clear()
+        self._tokenizer = tokenizer
+        self._tokenizer_fp = fingerprint
+
+    @property
+    def resolved_padding_side(self) -> str:
+        """``padding_side`` if given, else the tokenizer's."""
+        return self.padding_side or getattr(self.tokenizer, "padding_side", "right") or "right"
+
+    def collator(self) -> Collator:
+        """The batch collator for the current tokenizer."""
+        return Collator(self.tokenizer.pad_token_id, self.resolved_padding_side)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # tokenised, cached splits
+
+    def tokenized_path(self, split: str) -> Path:
+        """Arrow file that holds (or will hold) the tokenised split for the current tokenizer and settings."""
+        parquet = self.prepared_dir / f"{split}.parquet"
+        stat = parquet.stat()
+        _ = self.tokenizer  # loading the tokenizer sets _tokenizer_fp
+        key_parts = [
+            _TOKENIZED_FORMAT,
+            self._tokenizer_fp,
+            self.max_length,
+            self.truncation,
+            self.limits[split],
+            split,
+            stat.st_size,
+            stat.st_mtime_ns,
+        ]
+        key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
+        return self._tokenized_root() / f"{split}-{self.max_length}-{self.truncation}-{key}.arrow"
+
+    def _tokenized_root(self) -> Path:
+        local = self.prepared_dir / "tokenized"
+        try:
+            local.mkdir(exist_ok=True)
+            if os.access(local, os.W_OK):
+                return local
+        except OSError:
+            pass
+        # Read-only data folder (a shared MIMIC copy): key the cache folder by the data folder's path.
+        tag = hashlib.sha256(str(self.prepared_dir.resolve()).encode()).hexdigest()[:12]
+        root = (Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()) / "tokenized" / tag
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def tokenize_split(self, split: str):
+        """The tokenised split as a ``datasets.Dataset`` (columns hadm_id, input_ids, length), built once.
+
+        The first call per (tokenizer, max_length, truncation, limit, data file) tokenises with ``map`` into the
+        Arrow cache file; every later call (any process, any run) memory-maps it without calling the tokenizer.
+        """
+        import datasets
+
+        _check_split(split)
+        path = self.tokenized_path(split)
+        if path.is_file():
+            return datasets.Dataset.from_file(str(path))
+        tokenizer, max_length, truncation = self.tokenizer, self.max_length, self.truncation
+
+        def tokenize(batch: dict[str, list]) -> dict[str, list]:
+            ids = encode_texts(tokenizer, batch["text"], max_length, truncation)
+            return {"input_ids": ids, "length": [len(x) for x in ids]}
+
+        features = datasets.Features(
+            {
+                "hadm_id": datasets.Value("int64"),
+                "input_ids": datasets.List(datasets.Value("int32")),
+                "length": datasets.Value("int32"),
+            }
+        )
+        # from_parquet copies the split into an Arrow file; that copy (with the text) lives in a temporary folder
+        # and is deleted, only the tokenised file (no text) is kept.
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".hf-") as tmp:
+            raw = datasets.Dataset.from_parquet(
+                str(self.prepared_dir / f"{split}.parquet"), columns=["hadm_id", "text"], cache_dir=tmp
+            )
+            if self.limits[split] is not None:
+                raw = raw.select(range(min(self.limits[split], len(raw))))
+            raw.map(
+                tokenize,
+                batched=True,
+                batch_size=1000,
+                remove_columns=["text"],
+                features=features,
+                cache_file_name=str(path),
+                new_fingerprint=path.stem,  # the key is in the name; avoids hashing the closure (and tokenizer)
+                desc=f"Tokenising {split}",  # counts only: text never reaches a progress bar
+            )
+        return datasets.Dataset.from_file(str(path))
+
+    def _label_arrays(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """labels [N], base_labels [N], severity_mask [N, 3] for the DRGs in ``frame.drg_code``."""
+        space, table = self.label_space, get_table(self.drg_version)
+        per_code: dict[int, tuple[int, int, tuple[bool, ...]]] = {}
+        for code in frame["drg_code"].unique().tolist():
+            if code in space:
+                index, base, mask = space.encode(code)
+            else:  # unseen in training: an error at evaluation, but its allowed severities are still known
+                allowed = table.allowed_severities(code) if code in table else frozenset()
+                index, base, mask = -1, -1, tuple(s in allowed for s in SEVERITIES)
+            per_code[int(code)] = (index, base if self.variant == "two_label" else -1, mask)
+        codes = frame["drg_code"].astype(np.int64).tolist()
+        labels = np.array([per_code[c][0] for c in codes], dtype=np.int64)
+        base_labels = np.array([per_code[c][1] for c in codes], dtype=np.int64)
+        mask = np.array([per_code[c][2] for c in codes], dtype=bool).reshape(len(codes), len(SEVERITIES))
+        return labels, base_labels, mask
+
+    def dataset(self, split: str) -> TokenizedSplit:
+        """The split as a torch Dataset of tokenised rows with labels (built on first use, then kept)."""
+        _check_split(split)
+        if split not in self._datasets:
+            frame = self._read_columns(split, ["hadm_id", "drg_code"])
+            labels, base_labels, mask = self._label_arrays(frame)
+            unseen = int((labels < 0).sum())
+            self.unseen_counts[split] = unseen
+            if unseen:
+                logger.warning(
+                    "%s: %d of %d admissions have a DRG that is not a class (unseen in training); they are kept "
+                    "with label -1 and count as errors.",
+                    split,
+                    unseen,
+                    len(frame),
+                )
+            tokenized = self.tokenize_split(split)
+            if not np.array_equal(np.asarray(tokenized["hadm_id"]), frame["hadm_id"].to_numpy()):
+                raise RuntimeError(f"tokenised cache {self.tokenized_path(split)} is out of step; delete it")
+            self._datasets[split] = TokenizedSplit(
+                _HFColumn(tokenized), tokenized["length"], labels, base_labels, mask, frame["hadm_id"].to_numpy()
+            )
+        return self._datasets[split]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Lightning hooks
+
+    def prepare_data(self) -> None:
+        """Build the data folder and tokenised caches once (Lightning calls this on one process per node)."""
+        _ = self.prepared_dir  # builds the embedded default if needed
+        if self._tokenizer is None and self.tokenizer_name is None:
+            return  # the model injects the tokenizer later; each process tokenises (same file, atomic rename)
+        for split in SPLITS:
+            self.tokenize_split(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check the folder and build the label space; tokenised datasets load lazily with the first batch."""
+        _ = self.label_space
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        data = self.dataset(split)
+        world, rank = 1, 0
+        if self.trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+        size = self.batch_size if train else self.eval_batch_size
+        sampler = LengthBucketSampler(
+            data.lengths,
+            size,
+            shuffle=train,
+            bucket=self.bucket_by_length,
+            mega_batches=self.bucket_mega_batches,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+        )
+        return DataLoader(
+            data,
+            batch_size=size,
+            sampler=sampler,
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, length-bucketed training batches (call ``sampler.set_epoch`` per epoch; Lightning does)."""
+        loader = self._loader("train", train=True)
+        if self._resume is not None:
+            loader.sampler.skip_on_resume(self._resume["epoch"], self._resume["batches"])
+        return loader
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands within the epoch, saved in every checkpoint (mid-epoch resume)."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": int(self.trainer.current_epoch), "batches": int(progress.processed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restored by Lightning before the train loader is built; the sampler then skips the trained batches."""
+        self._resume = state if state and state.get("batches") else None
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches sorted by length; an empty list when the split has no rows (drg_llama_2023)."""
+        if not len(self.split_frame("val")):
+            logger.info("val.parquet has no rows (e.g. the drg_llama_2023 split): validation is skipped.")
+            return []
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches sorted by length."""
+        return self._loader("test", train=False)
+
+    def set_predict_texts(self, texts: list[str], ids: list | None = None) -> None:
+        """Make ``predict_dataloader`` serve these texts instead of the test split."""
+        self._predict = (list(texts), list(ids) if ids is not None else list(range(len(texts))))
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of the texts given to ``set_predict_texts``, else of the test split."""
+        if self._predict is not None:
+            return self.texts_dataloader(*self._predict)
+        return self.test_dataloader()
+
+    def texts_dataloader(self, texts: list[str], ids: list | None = None) -> DataLoader:
+        """Batches of arbitrary texts, tokenised and truncated like the splits (in memory, not cached).
+
+        Batches have the usual keys; ``labels``/``base_labels`` are -1, ``severity_mask`` all True, ``row`` the
+        position in ``texts`` and ``hadm_id`` the id when ``ids`` are integers (else -1: map back through ``row``).
+
+        Raises:
+            ValueError: ids and texts differ in length, or a text has no tokens (named by position).
+        """
+        ids = list(range(len(texts))) if ids is None else list(ids)
+        if len(ids) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(ids)} ids")
+        encoded = encode_texts(self.tokenizer, texts, self.max_length, self.truncation)
+        prefix, suffix = special_tokens(self.tokenizer)
+        empty = [i for i, x in enumerate(encoded) if len(x) == len(prefix) + len(suffix)]
+        if empty:
+            raise ValueError(f"texts at positions {empty[:10]} have no tokens; remove or fill them")
+        numeric = [int(x) if isinstance(x, (int, np.integer)) else -1 for x in ids]
+        n = len(texts)
+        data = TokenizedSplit(
+            encoded,
+            [len(x) for x in encoded],
+            np.full(n, -1),
+            np.full(n, -1),
+            np.ones((n, len(SEVERITIES)), dtype=bool),
+            numeric,
+        )
+        sampler = LengthBucketSampler(data.lengths, self.eval_batch_size, shuffle=False, bucket=self.bucket_by_length)
+        return DataLoader(data, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=self.collator())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # diagnostics
+
+    def padding_efficiency(self, split: str = "train", batch_size: int | None = None, epoch: int = 0) -> dict:
+        """Real tokens / computed (padded) tokens of one epoch's batches, bucketed vs random, for a split.
+
+        Args:
+            split: Which split's token lengths to use.
+            batch_size: Rows per batch; default the training batch size.
+            epoch: Epoch whose shuffle is measured.
+
+        Returns:
+            ``{"bucketed": e, "random": e, "sorted": e, "batch_size": B, "rows": N, "real_tokens": n}``, where
+            ``bucketed`` is the training sampler (mega-batch sorting), ``random`` the same shuffle without sorting,
+            and ``sorted`` the evaluation order.
+        """
+        lengths = self.dataset(split).lengths
+        size = batch_size or self.batch_size
+        real = int(lengths.sum())
+        result: dict[str, Any] = {"batch_size": size, "rows": len(lengths), "real_tokens": real}
+        for name, shuffle, bucket in (("bucketed", True, True), ("random", True, False), ("sorted", False, True)):
+            sampler = LengthBucketSampler(
+                lengths, size, shuffle=shuffle, bucket=bucket, mega_batches=self.bucket_mega_batches, seed=self.seed
+            )
+            sampler.set_epoch(epoch)
+            result[name] = real / max(1, padded_tokens(lengths, sampler.batches()))
+        return result
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

