@@ -121,10 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)
 
-    results = {}
+    run_dir = Path(trainer.log_dir)  # a collective under DDP: every rank must ask
+    results = {f"{variant} (best on val)": model.last_eval["metrics"]}
     if trainer.is_global_zero:
-        run_dir = Path(trainer.log_dir)
-        results[f"{variant} (best on val)"] = model.last_eval["metrics"]
         (run_dir / "label_space.json").write_text(json.dumps(model.label_space.to_dict()))
         (run_dir / "test_metrics.json").write_text(
             json.dumps(
@@ -140,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
                 data.prepared_dir,
                 run_dir / "baseline",
                 label_space=model.label_space,
-                limit_train=data.limit_train,
-                limit_eval=data.limit_test,
+                limit_train=data.limits["train"],
+                limit_eval=data.limits["test"],
             )
             results["tf-idf + logistic regression"] = baseline["metrics"]
             results["majority class"] = baseline["majority_class"]

@@ -179,7 +179,9 @@ class DRGClassifier(L.LightningModule):
         self.last_eval = {"stage": stage, "metrics": metrics, **outputs}
         for key in ("top1", "top5", "top10", "macro_f1_present", "macro_auc", "base_acc", "severity_acc"):
             if key in metrics and not math.isnan(metrics[key]):
-                self.log(f"{stage}/{key}", metrics[key], prog_bar=key == "top1", sync_dist=False, rank_zero_only=True)
+                # Every rank scored the same gathered outputs; sync_dist averages identical values (a no-op) and
+                # keeps the key on every rank, which ModelCheckpoint's monitor needs.
+                self.log(f"{stage}/{key}", metrics[key], prog_bar=key == "top1", sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
