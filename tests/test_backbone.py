@@ -14,7 +14,7 @@ from drg_llama.models.backbone import (
     BackboneConfig,
     build_causal_lm_backbone,
     build_classifier_backbone,
-    last_token_logits,
+    pooled_logits,
     trainable_parameter_count,
 )
 
@@ -57,8 +57,9 @@ def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, t
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_pooling_under_padding_equals_unpadded(arch, side):
+def test_pooling_under_padding_equals_unpadded(arch, side, pooling):
     model, tokenizer = _build(arch)
     model.eval()
     eos = tokenizer.eos_token_id
@@ -67,9 +68,9 @@ def test_pooling_under_padding_equals_unpadded(arch, side):
     model.get_base_model().config.pad_token_id = eos
     ids, mask = _pad(rows, eos, side)
     with torch.no_grad():
-        batched = last_token_logits(model, ids, mask)  # [B, C]
+        batched = pooled_logits(model, ids, mask, pooling)  # [B, C]
         for i, row in enumerate(rows):
-            alone = last_token_logits(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))
+            alone = pooled_logits(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), pooling)
             torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -88,7 +89,7 @@ def test_one_step_trains_lora_and_score_only():
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     ids = torch.randint(0, 256, (4, 6))
     loss = torch.nn.functional.cross_entropy(
-        last_token_logits(model, ids, torch.ones_like(ids)), torch.tensor([0, 1, 2, 0])
+        pooled_logits(model, ids, torch.ones_like(ids)), torch.tensor([0, 1, 2, 0])
     )
     loss.backward()
     optimizer.step()
@@ -107,7 +108,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model.train()
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
         ids = torch.randint(0, 256, (2, 5))
-        last_token_logits(model, ids, torch.ones_like(ids)).pow(2).sum().backward()
+        pooled_logits(model, ids, torch.ones_like(ids)).pow(2).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
@@ -132,9 +133,9 @@ def test_local_folder_round_trip_and_truncation(tmp_path):
     tokenizer.save_pretrained(tmp_path / "m")
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
-        expected = last_token_logits(model.eval(), ids, torch.ones_like(ids))
+        expected = pooled_logits(model.eval(), ids, torch.ones_like(ids))
         loaded, _ = build_classifier_backbone(BackboneConfig(name_or_path=str(tmp_path / "m"), lora_r=0), 4)
-        torch.testing.assert_close(last_token_logits(loaded.eval(), ids, torch.ones_like(ids)), expected)
+        torch.testing.assert_close(pooled_logits(loaded.eval(), ids, torch.ones_like(ids)), expected)
     short, _ = build_classifier_backbone(BackboneConfig(name_or_path=str(tmp_path / "m"), num_hidden_layers=1), 4)
     assert len(short.get_base_model().model.layers) == 1
 
@@ -203,5 +204,5 @@ def test_smollm2_gguf_converts_once_and_reloads_with_the_same_logits(tmp_path):
         torch.testing.assert_close(lm.eval()(input_ids=ids).logits[0, -1], expected)
     clf, _ = build_classifier_backbone(BackboneConfig(cache_dir=str(tmp_path), num_hidden_layers=2), 7)
     assert len(clf.get_base_model().model.layers) == 2
-    out = last_token_logits(clf, ids, torch.ones_like(ids))
+    out = pooled_logits(clf, ids, torch.ones_like(ids))
     assert out.shape == (1, 7) and torch.isfinite(out).all()

@@ -159,7 +159,16 @@ def main(argv: list[str] | None = None) -> int:
             from drg_llama.data.synthetic import synthesize
 
             summary = synthesize(args.out, args.n, args.seed, args.drg_version, progress=True)
-            print(_table(f"Wrote {args.out}", ["", "value"], [[k, v] for k, v in summary.items()]))
+            severity = ", ".join(f"{k} {v}" for k, v in sorted(summary["severity"].items()))
+            words = summary["bhc_words"]
+            print(
+                f"wrote {args.out}: {summary['n_admissions']} admissions of {summary['n_patients']} patients "
+                f"in {summary['seconds']:.1f} s\n"
+                f"  {summary['n_drgs']} DRGs in {summary['n_mdcs']} MDCs; {summary['n_surgical']} surgical stays\n"
+                f"  severity: {severity}\n"
+                f"  hospital-course words: median {words['median']:.0f}, p90 {words['p90']}, max {words['max']}\n"
+                f"  most frequent DRGs: {', '.join(f'{d} ({n})' for d, n in summary['top_drgs'][:10])}"
+            )
         else:
             path = args.path
             if (path / "manifest.json").is_file() or (path / "train.parquet").is_file():

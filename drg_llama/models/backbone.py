@@ -2,7 +2,7 @@
 
 The same loader serves the sequence classifier (``build_classifier_backbone``) and the generative reasoner
 (``build_causal_lm_backbone``). LoRA adapters come from PEFT; 4-/8-bit (QLoRA) loading uses bitsandbytes and needs
-CUDA. Pool classifier logits with ``last_token_logits``, not with the model's own forward (see its docstring).
+CUDA. Pool classifier logits with ``pooled_logits``, not with the model's own forward (see its docstring).
 
 Quick check from the shell (converts the embedded SmolLM2 GGUF once, then prints the trainable-parameter count)::
 
@@ -40,6 +40,8 @@ BYTE_TOKENIZER = "byte"
 # Bump when the GGUF -> HF folder conversion changes, so stale cached folders are not reused.
 _GGUF_CACHE_FORMAT = 1
 
+Pooling = Literal["last", "mean"]
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,8 +77,10 @@ class BackboneConfig:
     """Allow model code from the model folder or hub; off unless you trust the source."""
     num_hidden_layers: int | None = None
     """Keep only the first k decoder layers of a pretrained model (cheap CPU demos; not the full model's quality)."""
+    pooling: Pooling = "last"
+    """Sequence representation for the classifier head: the last real token (DRG-LLaMA) or the mean of real tokens."""
     padding_side: Literal["left", "right"] = "right"
-    """Side the tokenizer pads on; pooling with last_token_logits is correct for both."""
+    """Side the tokenizer pads on; pooling with pooled_logits is correct for both."""
     cache_dir: str | None = None
     """Where converted GGUF folders go; default $DRG_LLAMA_CACHE, else ~/.cache/drg_llama."""
 
@@ -98,6 +102,8 @@ class BackboneConfig:
             raise ValueError("Quantized weights cannot be trained directly; set lora_r > 0 to train LoRA adapters.")
         if self.num_hidden_layers is not None and self.num_hidden_layers < 1:
             raise ValueError(f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}.")
+        if self.pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {self.pooling!r}.")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}.")
         if self.random_init is not None:
@@ -304,7 +310,7 @@ def load_tokenizer(cfg: BackboneConfig):
     """Tokenizer for ``cfg`` with a pad token set and ``padding_side`` applied.
 
     A tokenizer without a pad token (LLaMA's) gets its eos token as pad. That is safe because pooling uses the
-    attention mask (``last_token_logits``), not the pad id. Without eos either, a ``<pad>`` token is added and
+    attention mask (``pooled_logits``), not the pad id. Without eos either, a ``<pad>`` token is added and
     ``build_*_backbone`` grows the embedding matrix to match.
     """
     from transformers import AutoTokenizer
@@ -468,7 +474,7 @@ def build_classifier_backbone(cfg: BackboneConfig, num_labels: int) -> tuple[nn.
 
     Returns:
         ``(model, tokenizer)``; ``model`` is a PEFT model (or the plain HF model when ``cfg.lora_r == 0``).
-        Get logits with ``last_token_logits(model, input_ids, attention_mask)``.
+        Get logits with ``pooled_logits(model, input_ids, attention_mask)``.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -503,8 +509,10 @@ def _sequence_classifier(model: nn.Module) -> nn.Module:
     return inner
 
 
-def last_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Class logits from the hidden state of each sequence's last real token.
+def pooled_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling = "last"
+) -> torch.Tensor:
+    """Class logits from each sequence's pooled hidden state: its last real token, or the mean over real tokens.
 
     transformers' ``*ForSequenceClassification.forward`` pools the rightmost token that differs from
     ``pad_token_id``. When pad == eos (SmolLM2, many LLaMA/Qwen setups) a real trailing eos is skipped, and the
@@ -512,10 +520,15 @@ def last_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     on the pooled state only, and position ids restart at each sequence's first real token so left padding gives the
     same logits as an unpadded forward. Rows must have at least one real token.
 
+    ``last`` is DRG-LLaMA's choice and what a large fine-tuned model learns to use. ``mean`` converges far faster for
+    small or truncated models: on the synthetic corpus, frozen SmolLM2 (first 4 layers, 128 tokens) features with a
+    logistic-regression probe reached 31% validation top-1 mean-pooled against 1.7% last-token (majority 2.3%).
+
     Args:
         model: From ``build_classifier_backbone`` (PEFT-wrapped or plain).
         input_ids: ``[B, T]`` token ids, left or right padded.
         attention_mask: ``[B, T]``, 1 on real tokens, contiguous per row.
+        pooling: ``last`` (last real token) or ``mean`` (average of real tokens).
 
     Returns:
         ``[B, num_labels]`` logits.
@@ -527,9 +540,13 @@ def last_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     hidden = body(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state  # [B, T, H]
-    positions = torch.arange(mask.shape[-1], device=mask.device)  # [T]
-    last = (positions * mask).argmax(-1)  # [B], index of the last 1 in each row
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, H]
+    else:
+        positions = torch.arange(mask.shape[-1], device=mask.device)  # [T]
+        last = (positions * mask).argmax(-1)  # [B], index of the last 1 in each row
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
     return classifier.score(pooled)  # [B, C]
 
 

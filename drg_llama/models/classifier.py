@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from drg_llama.drg import LabelSpace
 from drg_llama.metrics import score_predictions
-from drg_llama.models.backbone import BackboneConfig, build_classifier_backbone, last_token_logits
+from drg_llama.models.backbone import BackboneConfig, build_classifier_backbone, pooled_logits
 
 
 def partial_label_nll(severity_logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -102,8 +102,8 @@ class DRGClassifier(L.LightningModule):
     # forward and loss
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Raw outputs [B, num_outputs] pooled at each sequence's last real token."""
-        return last_token_logits(self.model, input_ids, attention_mask)
+        """Raw outputs [B, num_outputs] from each sequence's pooled state (``backbone.pooling``)."""
+        return pooled_logits(self.model, input_ids, attention_mask, self.backbone_config.pooling)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = logits.float()
