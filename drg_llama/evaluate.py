@@ -2,8 +2,11 @@
 
     python -m drg_llama.evaluate --run runs/two_label/version_0 --split test
     python -m drg_llama.evaluate --run runs/two_label/version_0 --split val --checkpoint last
+    python -m drg_llama.evaluate --run runs/two_label/version_0 --target-accuracy 0.9 --base-rate 7000
 
-Predictions carry ids, the gold DRG and the top-k DRGs with probabilities — never note text.
+Predictions carry ids, the gold DRG and the top-k DRGs with probabilities — never note text. ``metrics.json`` also
+holds calibration (temperature fitted on validation, saved as ``DIR/calibration.json`` for ``predict``), selective
+coding, payment impact, breakdowns and the severity confusion matrix (see ``drg_llama.analysis``).
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import yaml
+
+from drg_llama.analysis import DEFAULT_BASE_RATE, DEFAULT_TARGET_ACCURACY, analysis_report, save_calibration
 
 log_prefix = "drg_llama.evaluate"
 
@@ -43,6 +49,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
         raise RunError(f"{run_dir} has no config.yaml; pass a directory written by python -m drg_llama.train")
     config = yaml.safe_load(config_path.read_text())
     ckpt = _checkpoint_path(run_dir, checkpoint)
+    # Checkpoints hold only trainable tensors; the frozen base is rebuilt. For a random-init backbone (tests,
+    # benchmarks) that rebuild must draw the same weights as training did, so seed as the training run did.
+    L.seed_everything(config.get("seed_everything") or 0, verbose=False)
     model = DRGClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
     data_args = dict(config.get("data") or {})
     data_args.pop("label_space", None)
@@ -89,10 +98,30 @@ def top_k_table(space, probs: np.ndarray, k: int) -> pd.DataFrame:
     )
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", top_k: int = 10) -> dict:
-    """Score a run on ``split`` and write ``eval/metrics.json`` + ``eval/predictions.parquet``."""
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    checkpoint: str = "best",
+    top_k: int = 10,
+    target_accuracy: float = DEFAULT_TARGET_ACCURACY,
+    base_rate: float = DEFAULT_BASE_RATE,
+    *,
+    with_reasoning: bool = False,
+) -> dict:
+    """Score a run on ``split`` and write ``eval/metrics.json`` + ``eval/predictions.parquet``.
+
+    Reasoner runs (``--variant sft|grpo``) go to ``drg_llama.evaluate_reasoner`` (greedy generation; the analysis
+    sections need probabilities and are left out); ``with_reasoning`` adds their reasoning text to the predictions.
+
+    Beyond ``metrics``, the report holds the sections of :func:`drg_llama.analysis.analysis_report`; the
+    temperature and the selective-coding threshold are fitted on the validation split.
+    """
     import lightning as L
 
+    from drg_llama.evaluate_reasoner import evaluate_reasoner_run, is_reasoner_run
+
+    if is_reasoner_run(run_dir):
+        return evaluate_reasoner_run(run_dir, split, checkpoint, with_reasoning=with_reasoning)
     if split not in ("val", "test"):
         raise RunError(f"split must be 'val' or 'test', got {split!r}")
     model, data, ckpt = load_run(run_dir, checkpoint)
@@ -122,8 +151,36 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
         "decode": model.hparams.decode,
         "metrics": result["metrics"],
     }
+    report.update(
+        _analysis_sections(model, data, trainer, result, split, Path(run_dir), ckpt, target_accuracy, base_rate)
+    )
     (out / ("metrics.json" if split == "test" else f"metrics_{split}.json")).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _analysis_sections(model, data, trainer, result, split, run_dir, ckpt, target_accuracy, base_rate) -> dict:
+    """Calibration, selective coding, payment, breakdowns (drg_llama.analysis); saves the fitted temperature."""
+    val = result
+    if split != "val":  # temperature and threshold are fitted on validation, never on the split they are judged on
+        data.setup("validate")
+        trainer.test(model, dataloaders=data.val_dataloader(), verbose=False)
+        val = model.last_eval
+    frame = data.split_frame(split).loc[result["row"]]
+    sections = analysis_report(
+        model.label_space,
+        result["probs"],
+        result["gold"],
+        frame["drg_code"].to_numpy(),
+        frame["n_words"].to_numpy(),
+        data.split_frame("train")["drg_code"].to_numpy(),
+        val_probs=val["probs"],
+        val_gold=val["gold"],
+        target_accuracy=target_accuracy,
+        base_rate=base_rate,
+    )
+    calibration = sections["calibration"]
+    save_calibration(run_dir, calibration["temperature"], ckpt, n_fit=calibration["n_fit"])
+    return sections
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,9 +189,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--checkpoint", default="best", help="best (on validation), last, or a .ckpt path")
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument(
+        "--target-accuracy", type=float, default=DEFAULT_TARGET_ACCURACY, help="selective-coding target on val"
+    )
+    parser.add_argument(
+        "--base-rate",
+        type=float,
+        default=DEFAULT_BASE_RATE,
+        help=f"USD per unit of CMS relative weight (default {DEFAULT_BASE_RATE:.0f}, illustrative: give your own)",
+    )
+    parser.add_argument("--with-reasoning", action="store_true", help="reasoner runs: keep the reasoning text")
     args = parser.parse_args(argv)
     try:
-        report = evaluate_run(args.run, args.split, args.checkpoint, args.top_k)
+        report = evaluate_run(
+            args.run,
+            args.split,
+            args.checkpoint,
+            args.top_k,
+            args.target_accuracy,
+            args.base_rate,
+            with_reasoning=args.with_reasoning,
+        )
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from drg_llama.analysis import apply_temperature, load_temperature
 from drg_llama.evaluate import RunError, load_run, top_k_table
 
 ID_COLUMNS = ("id", "note_id", "hadm_id")
@@ -62,23 +63,40 @@ def read_notes(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return notes[~empty].reset_index(drop=True), pd.DataFrame(skipped, columns=["id", "reason"])
 
 
-def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str | Path, top_k: int = 5) -> pd.DataFrame:
-    """Predict every note of ``input_path`` and write ``output_path``; returns the written frame."""
+def predict_file(
+    run_dir: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    top_k: int = 5,
+    *,
+    with_reasoning: bool = False,
+) -> pd.DataFrame:
+    """Predict every note of ``input_path`` and write ``output_path``; returns the written frame.
+
+    Reasoner runs answer with one generated DRG per note (``drg_llama.evaluate_reasoner``); ``with_reasoning`` adds
+    their reasoning text, which may quote the note.
+    """
     import lightning as L
     import torch
 
     from drg_llama.drg import get_table
+    from drg_llama.evaluate_reasoner import is_reasoner_run, predict_reasoner_file
+
+    if is_reasoner_run(run_dir):
+        return predict_reasoner_file(run_dir, input_path, output_path, with_reasoning)
 
     notes, skipped = read_notes(input_path)
     if notes.empty:
         raise InputError(f"no note in {input_path} has text to predict from ({len(skipped)} skipped)")
-    model, data, _ = load_run(run_dir)
+    model, data, ckpt = load_run(run_dir)
     loader = data.texts_dataloader(notes["text"].tolist(), list(range(len(notes))))
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=True)
     batches = trainer.predict(model, dataloaders=loader)
     rows = torch.cat([b["row"] for b in batches]).numpy()
     probs = torch.cat([b["probs"] for b in batches]).numpy()
     probs = probs[np.argsort(rows)]
+    # The temperature evaluate fitted on validation (1.0 if it has not run): calibrated probabilities, same ranking.
+    probs = apply_temperature(probs, load_temperature(run_dir, ckpt))
     table = get_table(model.label_space.version)
     top = top_k_table(model.label_space, probs, top_k)
     out = pd.DataFrame({"id": notes["id"]})
@@ -103,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="CSV with a text column, or a MIMIC discharge file")
     parser.add_argument("--output", required=True, help="output .csv or .parquet")
     parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--with-reasoning", action="store_true", help="reasoner runs: keep the reasoning text")
     args = parser.parse_args(argv)
     try:
-        out = predict_file(args.run, args.input, args.output, args.top_k)
+        out = predict_file(args.run, args.input, args.output, args.top_k, with_reasoning=args.with_reasoning)
     except (InputError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from drg_llama.models.classifier import DRGClassifier
 log = logging.getLogger("drg_llama.train")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-# Variants that other entry points train; named here so the error can say where they are.
+# Generative variants, trained by drg_llama.train_reasoner (SFT cold start, then GRPO).
 GENERATIVE_VARIANTS = ("sft", "grpo")
 
 
@@ -57,9 +57,7 @@ def _variant_args(argv: list[str]) -> tuple[str, list[str]]:
             rest.append(argv[i])
             i += 1
     if variant in GENERATIVE_VARIANTS:
-        raise SystemExit(
-            f"error: variant {variant!r} is the generative reasoner, which is not part of this release yet"
-        )
+        return variant, rest  # the reasoner's own CLI (drg_llama.train_reasoner) puts configs/<variant>.yaml first
     if variant not in VARIANTS:
         raise SystemExit(f"error: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     config = CONFIG_DIR / f"{variant}.yaml"
@@ -81,6 +79,25 @@ def _resolve_last(cli: DRGLightningCLI) -> str | None:
     return str(candidates[-1])
 
 
+def _keep_metrics_history(trainer, ckpt_path: str) -> None:
+    """Carry a resumed run's earlier metrics.csv rows (up to the checkpoint's step) into the reopened logger.
+
+    Lightning's CSV writer deletes an existing metrics.csv when it opens the run directory again.
+    """
+    import csv
+
+    import torch
+
+    metrics_file = Path(trainer.logger.log_dir) / "metrics.csv"
+    if not trainer.is_global_zero or not metrics_file.exists():
+        return
+    step = torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"]
+    with metrics_file.open(newline="") as fh:
+        rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+    writer = trainer.logger.experiment  # opening it deletes the file; the rows are already read
+    writer.metrics[:0] = [row for row in rows if int(row.get("step", 0)) < step]
+
+
 def _format_row(name: str, metrics: dict) -> str:
     cells = []
     for key in ("top1", "top5", "macro_f1_present", "macro_auc", "base_acc", "severity_acc"):
@@ -99,6 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the training job; returns the test metrics of the LLM, the baseline and the majority class."""
     argv = list(sys.argv[1:] if argv is None else argv)
     variant, args = _variant_args(argv)
+    if variant in GENERATIVE_VARIANTS:
+        from drg_llama.train_reasoner import main as train_reasoner
+
+        return train_reasoner(args, variant)
     # sys.argv stays untouched on purpose: DDP re-launches this module with it on the other ranks, and each rank
     # expands --variant the same way. LightningCLI warns about args + sys.argv; here that is intended.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
@@ -115,7 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_path = _resolve_last(cli)
     if ckpt_path is not None:
         # Resuming continues the same run directory rather than opening a new version.
-        trainer.logger._version = Path(ckpt_path).parent.parent.name.removeprefix("version_")
+        run_folder = Path(ckpt_path).parent.parent.name
+        if run_folder.startswith("version_") and run_folder.removeprefix("version_").isdigit():
+            trainer.logger._version = int(run_folder.removeprefix("version_"))  # CSVLogger names the folder from it
+            _keep_metrics_history(trainer, ckpt_path)
 
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -17,27 +17,9 @@ from drg_llama.models.backbone import (
     pooled_logits,
     trainable_parameter_count,
 )
+from tests.tiny import TINY_CONFIGS
 
-TINY = {
-    "llama": {
-        "model_type": "llama",
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-    },
-    "qwen2": {
-        "model_type": "qwen2",
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-    },
-}
+TINY = TINY_CONFIGS
 
 
 def _build(arch: str, num_labels: int = 5, seed: int = 0, **overrides):

@@ -6,19 +6,10 @@ import pytest
 import torch
 
 from drg_llama.drg import LabelSpace
+from drg_llama.metrics import score_predictions
 from drg_llama.models.backbone import BackboneConfig
-from drg_llama.models.classifier import DRGClassifier, partial_label_nll, score_predictions
-
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "vocab_size": 300,
-    "max_position_embeddings": 128,
-}
+from drg_llama.models.classifier import DRGClassifier, partial_label_nll
+from tests.tiny import TINY_LLAMA
 
 
 def tiny_classifier(variant: str, **kwargs) -> DRGClassifier:

@@ -21,6 +21,7 @@ from drg_llama.models.backbone import BackboneConfig
 from drg_llama.models.classifier import DRGClassifier
 from drg_llama.predict import InputError, predict_file
 from drg_llama.train import CONFIG_DIR, DRGLightningCLI, main
+from tests.tiny import TINY_LLAMA
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(CONFIG_DIR / "tiny.yaml")
@@ -128,10 +129,18 @@ def test_every_shipped_config_parses(config, capsys):
     path = CONFIG_DIR / config
     first = path.read_text().splitlines()[0]
     assert first.startswith("# python -m drg_llama."), f"{config} must open with the command that runs it"
-    base = CONFIG_DIR / ("single_label.yaml" if "single_label" in first else "two_label.yaml")
+    reasoner = next((v for v in ("sft", "grpo") if f"--variant {v}" in first), None)
+    if reasoner:  # generative variants: parsed by the reasoner's CLI over configs/<variant>.yaml
+        from drg_llama.models.reasoner import DRGReasoner
+        from drg_llama.train_reasoner import ReasonerCLI
+
+        cli, model, base = ReasonerCLI, DRGReasoner, CONFIG_DIR / f"{reasoner}.yaml"
+    else:
+        cli, model = DRGLightningCLI, DRGClassifier
+        base = CONFIG_DIR / ("single_label.yaml" if "single_label" in first else "two_label.yaml")
     args = ["--config", str(base)] + ([] if path == base else ["--config", str(path)]) + ["--print_config"]
     with pytest.raises(SystemExit) as exit_:
-        DRGLightningCLI(DRGClassifier, DRGDataModule, run=False, args=args)
+        cli(model, DRGDataModule, run=False, args=args)
     assert exit_.value.code in (0, None)
     assert "backbone:" in capsys.readouterr().out
 
@@ -139,8 +148,8 @@ def test_every_shipped_config_parses(config, capsys):
 def test_cli_errors_are_one_sentence():
     with pytest.raises(SystemExit, match="unknown variant 'three_label'"):
         main(["--variant", "three_label"])
-    with pytest.raises(SystemExit, match="generative reasoner"):
-        main(["--variant", "grpo"])
+    with pytest.raises(SystemExit, match="unknown variant 'dpo'"):
+        main(["--variant", "dpo"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,7 +225,7 @@ def _fit(tmp_path: Path, name: str, max_epochs: int, ckpt_path=None, kill_at=Non
         synthetic_n=300,
     )
     backbone = BackboneConfig(
-        name_or_path="random", random_init=TINY_RANDOM, tokenizer="byte", lora_r=4, lora_alpha=8, lora_dropout=0.0
+        name_or_path="random", random_init=TINY_LLAMA, tokenizer="byte", lora_r=4, lora_alpha=8, lora_dropout=0.0
     )
     model = DRGClassifier(backbone=backbone, label_space=data.label_space, learning_rate=0.01)
     data.set_tokenizer(model.tokenizer)
@@ -235,18 +244,6 @@ def _fit(tmp_path: Path, name: str, max_epochs: int, ckpt_path=None, kill_at=Non
     return trainer, model
 
 
-TINY_RANDOM = {
-    "model_type": "llama",
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "vocab_size": 300,
-    "max_position_embeddings": 256,
-}
-
-
 @pytest.mark.slow
 def test_resume_mid_epoch_matches_uninterrupted_run(cache, tmp_path):
     full_trainer, full = _fit(tmp_path, "full", max_epochs=2)
@@ -263,3 +260,45 @@ def test_resume_mid_epoch_matches_uninterrupted_run(cache, tmp_path):
     for name, param in resumed.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param, full_state[name], msg=f"{name} differs after resume")
+
+
+def test_load_run_rebuilds_the_same_frozen_base(runs):
+    from drg_llama.evaluate import load_run
+
+    run_dir, _ = runs["two_label"]
+    first, _, _ = load_run(run_dir)
+    torch.manual_seed(123)  # whatever the global state, the rebuild is seeded as the training run was
+    second, _, _ = load_run(run_dir)
+    for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_cli_resume_continues_the_same_run_directory(runs):
+    """Runs last in this module: it extends the two_label run by one epoch."""
+    run_dir, _ = runs["two_label"]
+    workdir = run_dir.parent.parent.parent
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        main(
+            [
+                "--variant",
+                "two_label",
+                "--config",
+                TINY,
+                "--ckpt_path",
+                "last",
+                "--trainer.max_epochs",
+                "2",
+                "--run_baseline",
+                "false",
+            ]
+        )
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]  # no new version, no "0" folder
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    trained = metrics[metrics["train/loss"].notna()]
+    assert set(trained["epoch"]) == {0, 1}  # the first epoch's rows survive, the second epoch's are appended
+    assert trained["step"].is_monotonic_increasing
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12

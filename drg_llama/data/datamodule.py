@@ -35,6 +35,9 @@ Choices, and why:
   Evaluation batches are globally sorted by length, longest first (an out-of-memory shows at the first step).
   Every batch carries ``row`` (position in its split), so predictions can be put back in the original order.
   The sampler subclasses ``DistributedSampler`` so Lightning keeps it under DDP; it shards whole batches by rank.
+* **Packing** (``packing=True``, opt-in): train/val/test batches pack whole notes into rows of ``pack_tokens``
+  tokens with a block-diagonal causal mask (``drg_llama.models.packing``; its docstring lists the batch keys);
+  ``DRGClassifier`` pools each note from the packed states, giving the same logits as padded batches.
 
 Batch (what ``DRGClassifier`` consumes), ``B`` rows padded to the longest in the batch rounded up to a multiple
 of 8 (``T``), on the tokenizer's padding side:
@@ -69,6 +72,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from drg_llama.drg import SEVERITIES, LabelSpace, get_table, resolve_version
 from drg_llama.models.backbone import SMOLLM2_NAME, BackboneConfig, default_cache_dir, load_tokenizer
+from drg_llama.models.packing import PackedCollator, pack_sequences, packed_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +301,99 @@ class LengthBucketSampler(DistributedSampler):
         return -(-n_batches // world) * self.batch_size
 
 
+class PackedBatchSampler(LengthBucketSampler):
+    """Batch sampler for padding-free packing: each item it yields is one batch, a list of packed rows.
+
+    Rows hold whole notes (first-fit-decreasing, ``pack_sequences``) up to ``pack_tokens`` tokens; a batch has at
+    most ``rows_per_batch`` rows, so its tensors never exceed ``[rows_per_batch, pack_tokens]`` -- the same
+    worst case as a padded batch of ``rows_per_batch`` notes of ``pack_tokens`` tokens. Training: shuffle, pack
+    within mega-batches (about ``mega_batches`` batches' worth of notes), shuffle the batch order (a short batch
+    stays last). Evaluation: sort by length, longest first, then pack. Deterministic in (seed, epoch); shards
+    whole batches by rank like ``LengthBucketSampler`` (whose resume and DDP behaviour it keeps).
+
+    Use it with ``DataLoader(PackedRows(dataset), batch_size=None, sampler=..., collate_fn=PackedCollator(...))``.
+    The number of batches can differ by a few between epochs (the packing depends on the shuffle); ``len`` is the
+    current epoch's.
+
+    Args:
+        lengths: [N] token counts (each <= pack_tokens).
+        pack_tokens: Tokens per packed row.
+        rows_per_batch: Packed rows per batch.
+        shuffle: Shuffle (training) or a fixed longest-first order (evaluation).
+        mega_batches: Batches per packing window (training).
+        seed: Seed of the shuffle; the epoch is mixed in.
+        num_replicas: World size.
+        rank: This process's rank.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        pack_tokens: int,
+        rows_per_batch: int,
+        shuffle: bool,
+        mega_batches: int = 50,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        super().__init__(
+            lengths, rows_per_batch, shuffle, True, mega_batches, seed=seed, num_replicas=num_replicas, rank=rank
+        )
+        if len(self.lengths) and int(self.lengths.max()) > pack_tokens:
+            raise ValueError(f"pack_tokens={pack_tokens} is shorter than the longest note ({self.lengths.max()})")
+        self.pack_tokens = pack_tokens
+        self._cache: tuple[int, list[list[np.ndarray]]] | None = None
+
+    def batches(self) -> list[list[np.ndarray]]:
+        """This rank's batches for the current epoch: lists of rows, each an array of dataset indices."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        n, size, world = len(self.lengths), self.batch_size, self.num_replicas
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n) if self.shuffle else np.argsort(-self.lengths, kind="stable")
+        per_row = max(1, self.pack_tokens // max(1, int(self.lengths.mean()) if n else 1))
+        window = size * per_row * (self.mega_batches if self.shuffle else 8)  # notes packed together
+        rows: list[np.ndarray] = []
+        for start in range(0, n, window):
+            chunk = order[start : start + window]
+            rows += [chunk[r] for r in pack_sequences(self.lengths[chunk], self.pack_tokens)]
+        batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+        if self.shuffle and batches:
+            full = [b for b in batches if len(b) == size]
+            short = [b for b in batches if len(b) < size]
+            batches = [full[i] for i in rng.permutation(len(full))] + short
+        if world > 1 and batches:
+            batches += [batches[i % len(batches)] for i in range(-len(batches) % world)]
+            batches = batches[self.rank :: world]
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def __iter__(self):
+        batches = self.batches()
+        if self.epoch == self.resume_epoch:
+            batches = batches[self.resume_batches :]
+            self.resume_epoch = -1
+        for batch in batches:
+            yield [row.tolist() for row in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+class PackedRows(Dataset):
+    """View of a dataset indexed by a list of rows of indices (what ``PackedBatchSampler`` yields)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, rows: list[list[int]]) -> list[list[dict[str, Any]]]:
+        return [[self.dataset[i] for i in row] for row in rows]
+
+
 class Collator:
     """Pads a list of rows into the batch dict (see the module docstring) on ``padding_side``.
 
@@ -416,6 +513,11 @@ class DRGDataModule(LightningDataModule):
         synthetic_n: Admissions in the embedded synthetic corpus (only when data_dir is None).
         cache_dir: Cache root for the embedded corpus and for tokenised files of read-only data folders; default
             $DRG_LLAMA_CACHE or ~/.cache/drg_llama.
+        packing: Padding-free packing for train/val/test batches (``drg_llama.models.packing``): whole notes share
+            rows of ``pack_tokens`` tokens with a block-diagonal attention mask; a batch has at most ``batch_size``
+            (eval: ``eval_batch_size``) rows, so it holds more notes than a padded batch. Predict batches stay padded.
+        pack_tokens: Tokens per packed row; default max_length (then a packed batch is never larger than the largest
+            padded one). Must be >= max_length.
     """
 
     def __init__(
@@ -438,8 +540,12 @@ class DRGDataModule(LightningDataModule):
         seed: int = 0,
         synthetic_n: int = 5000,
         cache_dir: str | None = None,
+        packing: bool = False,
+        pack_tokens: int | None = None,
     ):
         super().__init__()
+        if pack_tokens is not None and pack_tokens < max_length:
+            raise ValueError(f"pack_tokens ({pack_tokens}) must be >= max_length ({max_length}): every note must fit")
         if variant not in ("single_label", "two_label"):
             raise ValueError(f"variant must be 'single_label' or 'two_label', got {variant!r}")
         if truncation not in TRUNCATIONS:
@@ -470,6 +576,8 @@ class DRGDataModule(LightningDataModule):
         self.seed = seed
         self.synthetic_n = synthetic_n
         self.cache_dir = cache_dir
+        self.packing = packing
+        self.pack_tokens = pack_tokens or max_length
 
         self._folder: Path | None = None
         self._label_space: LabelSpace | None = None
@@ -722,12 +830,32 @@ class DRGDataModule(LightningDataModule):
         """Check the folder and build the label space; tokenised datasets load lazily with the first batch."""
         _ = self.label_space
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool, packing: bool | None = None) -> DataLoader:
         data = self.dataset(split)
         world, rank = 1, 0
         if self.trainer is not None:
             world, rank = self.trainer.world_size, self.trainer.global_rank
         size = self.batch_size if train else self.eval_batch_size
+        if self.packing if packing is None else packing:
+            packed = PackedBatchSampler(
+                data.lengths,
+                self.pack_tokens,
+                size,
+                shuffle=train,
+                mega_batches=self.bucket_mega_batches,
+                seed=self.seed,
+                num_replicas=world,
+                rank=rank,
+            )
+            # batch_size=None: the sampler yields whole batches (lists of rows) and the collator packs them.
+            return DataLoader(
+                PackedRows(data),
+                batch_size=None,
+                sampler=packed,
+                collate_fn=PackedCollator(self.tokenizer.pad_token_id),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
         sampler = LengthBucketSampler(
             data.lengths,
             size,
@@ -784,7 +912,8 @@ class DRGDataModule(LightningDataModule):
         """Batches of the texts given to ``set_predict_texts``, else of the test split."""
         if self._predict is not None:
             return self.texts_dataloader(*self._predict)
-        return self.test_dataloader()
+        # Padded even with packing: Lightning's prediction loop tracks indices through a plain batch sampler.
+        return self._loader("test", train=False, packing=False)
 
     def texts_dataloader(self, texts: list[str], ids: list | None = None) -> DataLoader:
         """Batches of arbitrary texts, tokenised and truncated like the splits (in memory, not cached).
@@ -828,9 +957,10 @@ class DRGDataModule(LightningDataModule):
             epoch: Epoch whose shuffle is measured.
 
         Returns:
-            ``{"bucketed": e, "random": e, "sorted": e, "batch_size": B, "rows": N, "real_tokens": n}``, where
-            ``bucketed`` is the training sampler (mega-batch sorting), ``random`` the same shuffle without sorting,
-            and ``sorted`` the evaluation order.
+            ``{"bucketed": e, "random": e, "sorted": e, "packed": e, "batch_size": B, "rows": N, "real_tokens": n}``,
+            where ``bucketed`` is the training sampler (mega-batch sorting), ``random`` the same shuffle without
+            sorting, ``sorted`` the evaluation order and ``packed`` the packing sampler (rows of ``pack_tokens``,
+            ``B`` rows per batch), whether or not ``packing`` is on.
         """
         lengths = self.dataset(split).lengths
         size = batch_size or self.batch_size
@@ -842,6 +972,11 @@ class DRGDataModule(LightningDataModule):
             )
             sampler.set_epoch(epoch)
             result[name] = real / max(1, padded_tokens(lengths, sampler.batches()))
+        packer = PackedBatchSampler(
+            lengths, self.pack_tokens, size, shuffle=True, mega_batches=self.bucket_mega_batches, seed=self.seed
+        )
+        packer.set_epoch(epoch)
+        result["packed"] = real / max(1, packed_tokens(lengths, packer.batches()))
         return result
 
 

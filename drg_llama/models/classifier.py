@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from drg_llama.drg import LabelSpace
 from drg_llama.metrics import score_predictions
 from drg_llama.models.backbone import BackboneConfig, build_classifier_backbone, pooled_logits
+from drg_llama.models.packing import is_packed, packed_logits
 
 
 def partial_label_nll(severity_logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -101,9 +102,36 @@ class DRGClassifier(L.LightningModule):
     # ----------------------------------------------------------------------------------------------------------
     # forward and loss
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Raw outputs [B, num_outputs] from each sequence's pooled state (``backbone.pooling``)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+        num_sequences: int | None = None,
+    ) -> torch.Tensor:
+        """Raw outputs [B, num_outputs] from each sequence's pooled state (``backbone.pooling``).
+
+        Padded batch: ``input_ids``/``attention_mask`` [B, T]. Packed batch (``drg_llama.models.packing``):
+        ``input_ids``/``position_ids``/``seq_ids`` [R, T] and ``num_sequences`` N; the output is then [N, C].
+        """
+        if seq_ids is not None:
+            return packed_logits(
+                self.model, input_ids, position_ids, seq_ids, num_sequences, self.backbone_config.pooling
+            )
         return pooled_logits(self.model, input_ids, attention_mask, self.backbone_config.pooling)
+
+    def batch_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Outputs [N, num_outputs] for a padded or packed batch, one row per note in label order."""
+        if is_packed(batch):
+            return self(
+                batch["input_ids"],
+                position_ids=batch["position_ids"],
+                seq_ids=batch["seq_ids"],
+                num_sequences=batch["labels"].shape[0],
+            )
+        return self(batch["input_ids"], batch["attention_mask"])
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = logits.float()
@@ -117,8 +145,8 @@ class DRGClassifier(L.LightningModule):
         return {"loss": loss, "base_loss": base_loss, "severity_loss": severity_loss}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        losses = self.loss(self(batch["input_ids"], batch["attention_mask"]), batch)
-        size = batch["input_ids"].shape[0]
+        losses = self.loss(self.batch_logits(batch), batch)
+        size = batch["labels"].shape[0]  # notes, also for packed batches
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
         for name in ("base_loss", "severity_loss"):
             if name in losses:
@@ -138,10 +166,10 @@ class DRGClassifier(L.LightningModule):
         return self.label_space.drg_log_probs(logits.float()).exp()
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = self.batch_logits(batch)
         has_label = batch["labels"] >= 0
         if has_label.any():
-            sub = {k: v[has_label] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            sub = {k: batch[k][has_label] for k in ("labels", "base_labels", "severity_mask")}  # per-note keys
             self.log(f"{stage}/loss", self.loss(logits[has_label], sub)["loss"], batch_size=int(has_label.sum()))
         self._eval_outputs.append(
             {"probs": self.drg_probs(logits).float(), "gold": batch["labels"], "row": batch["row"]}
@@ -149,7 +177,7 @@ class DRGClassifier(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Distribution over DRGs and row ids of one batch (``Trainer.predict``)."""
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = self.batch_logits(batch)
         return {"probs": self.drg_probs(logits).float().cpu(), "row": batch["row"].cpu()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

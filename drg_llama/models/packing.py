@@ -1,0 +1,246 @@
+"""Padding-free packing for the classifier: several notes share one row, each attends only to itself.
+
+Hospital-course lengths have a long tail (mean ~500 tokens, some > 2,000), so padded batches spend much of their
+compute on padding. Packing concatenates whole notes into rows of at most ``pack_tokens`` tokens and pools each
+note from the packed hidden states:
+
+    seqs     [a a a b b c c c c _ _]       one packed row (``_`` = padding up to a multiple of 8)
+    pos      [0 1 2 0 1 0 1 2 3 0 0]       position ids restart per note (RoPE sees the same positions as alone)
+    seq_ids  [0 0 0 1 1 2 2 2 2 -1 -1]     which note a token belongs to
+    mask     block-diagonal causal:        token of note j sees only earlier tokens of note j
+
+Restarting position ids alone does NOT isolate the notes: with ``sdpa``, ``eager`` or ``flex_attention`` and a 2-D
+attention mask, tokens attend across note boundaries (checked on transformers 5.17 and 5.23; ``tests/test_packing.py``
+documents it). transformers 5.2x only infers packed sequences from position ids when ``attention_mask is None``, which
+is version-dependent behaviour we do not rely on. We always pass an explicit mask: a 4-D additive mask
+``[R, 1, T, T]`` (sdpa/eager, CPU or GPU), or a flex_attention ``BlockMask`` when the backbone uses
+``attn_implementation="flex_attention"`` (it skips the masked blocks, so long packed rows cost ~ the sum of the
+notes' own attention instead of ``T**2``).
+
+Packed batch (``PackedCollator``; ``N`` notes in ``R`` rows of width ``T``)::
+
+    input_ids      [R, T] long   token ids, pad_token_id on padding
+    position_ids   [R, T] long   0.. within each note, 0 on padding
+    seq_ids        [R, T] long   note index 0..N-1, -1 on padding
+    seq_lengths    [N] long      tokens per note
+    labels, base_labels, severity_mask, row, hadm_id    per note, as in the padded batch
+
+``DRGClassifier`` dispatches on ``seq_ids``; logits come out ``[N, C]`` in the same note order as the labels.
+Opt in with ``DRGDataModule(packing=True, pack_tokens=...)`` (``--data.packing true`` on the command line).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from drg_llama.models.backbone import Pooling, _sequence_classifier
+
+#: Packed row widths are rounded up to a multiple of this (tensor-core friendly, fewer distinct shapes).
+PAD_MULTIPLE = 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bin packing (pure numpy, tested on literal lengths)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pack_sequences(lengths: Sequence[int], pack_tokens: int) -> list[list[int]]:
+    """First-fit-decreasing assignment of sequences to rows of at most ``pack_tokens`` tokens.
+
+    Args:
+        lengths: Token count of each sequence (each <= ``pack_tokens``).
+        pack_tokens: Capacity of a row.
+
+    Returns:
+        Rows as lists of positions into ``lengths``; rows in creation order, each row's sequences longest first.
+        Deterministic in ``lengths`` (ties keep their input order).
+
+    Raises:
+        ValueError: A sequence is longer than a row.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and int(lengths.max()) > pack_tokens:
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit pack_tokens={pack_tokens}")
+    order = np.argsort(-lengths, kind="stable")
+    free = np.empty(0, dtype=np.int64)  # [rows] remaining capacity
+    rows: list[list[int]] = []
+    for i in order.tolist():
+        fits = np.flatnonzero(free >= lengths[i])
+        if len(fits):
+            r = int(fits[0])
+            free[r] -= lengths[i]
+            rows[r].append(i)
+        else:
+            free = np.append(free, pack_tokens - lengths[i])
+            rows.append([i])
+    return rows
+
+
+def packed_tokens(lengths: np.ndarray, batches: Sequence[Sequence[Sequence[int]]]) -> int:
+    """Token positions computed for packed ``batches`` (lists of rows of row indices): sum of R x padded T."""
+    total = 0
+    for rows in batches:
+        if rows:
+            width = max(int(lengths[list(r)].sum()) for r in rows)
+            total += len(rows) * (-(-width // PAD_MULTIPLE) * PAD_MULTIPLE)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collating
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PackedCollator:
+    """Turns rows of dataset items (a list of lists, from ``PackedBatchSampler``) into one packed batch.
+
+    Args:
+        pad_token_id: Id written on padding positions (never attended to by a real token).
+        pad_multiple: Row width is rounded up to a multiple of this.
+    """
+
+    def __init__(self, pad_token_id: int, pad_multiple: int = PAD_MULTIPLE):
+        self.pad_token_id = int(pad_token_id)
+        self.pad_multiple = pad_multiple
+
+    def __call__(self, rows: list[list[dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        items = [item for row in rows for item in row]  # note order = row by row
+        lengths = [len(item["input_ids"]) for item in items]
+        width = max(sum(len(item["input_ids"]) for item in row) for row in rows)
+        width = -(-width // self.pad_multiple) * self.pad_multiple
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # [R, T]
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # [R, T]
+        seq_ids = torch.full((len(rows), width), -1, dtype=torch.long)  # [R, T]
+        j = 0
+        for r, row in enumerate(rows):
+            start = 0
+            for item in row:
+                n = len(item["input_ids"])
+                input_ids[r, start : start + n] = torch.as_tensor(np.asarray(item["input_ids"], dtype=np.int64))
+                position_ids[r, start : start + n] = torch.arange(n)
+                seq_ids[r, start : start + n] = j
+                start += n
+                j += 1
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "seq_ids": seq_ids,
+            "seq_lengths": torch.tensor(lengths, dtype=torch.long),  # [N]
+            "labels": torch.tensor([int(x["labels"]) for x in items], dtype=torch.long),  # [N]
+            "base_labels": torch.tensor([int(x["base_labels"]) for x in items], dtype=torch.long),  # [N]
+            "severity_mask": torch.as_tensor(np.stack([x["severity_mask"] for x in items]), dtype=torch.bool),
+            "row": torch.tensor([int(x["row"]) for x in items], dtype=torch.long),  # [N]
+            "hadm_id": torch.tensor([int(x["hadm_id"]) for x in items], dtype=torch.long),  # [N]
+        }
+
+
+def is_packed(batch: dict[str, Any]) -> bool:
+    """True for a batch from ``PackedCollator`` (it carries ``seq_ids``)."""
+    return "seq_ids" in batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks and the packed forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask ``[R, 1, T, T]``: 0 where query and key are in the same note and key <= query, else min.
+
+    Padding (``seq_ids == -1``) forms its own block, so no row of the mask is fully masked (sdpa would return NaN
+    there) and no real token ever sees padding.
+    """
+    width = seq_ids.shape[-1]
+    same = seq_ids[:, :, None] == seq_ids[:, None, :]  # [R, T, T]
+    causal = torch.ones(width, width, dtype=torch.bool, device=seq_ids.device).tril()  # [T, T]
+    allowed = same & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)  # [R, 1, T, T]
+
+
+def flex_block_mask(seq_ids: torch.Tensor):
+    """flex_attention ``BlockMask`` of the same block-diagonal causal pattern (skips fully masked tiles)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_note_causal(b, h, q, kv):
+        return (seq_ids[b, q] == seq_ids[b, kv]) & (kv <= q)
+
+    rows, width = seq_ids.shape
+    return create_block_mask(same_note_causal, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=seq_ids.device)
+
+
+def pool_packed(
+    hidden: torch.Tensor, seq_ids: torch.Tensor, num_sequences: int, pooling: Pooling = "last"
+) -> torch.Tensor:
+    """Per-note pooled states ``[N, H]`` from packed hidden states ``[R, T, H]``.
+
+    Runs without a host sync (no boolean indexing): padding goes to a spare slot ``N`` that is dropped.
+
+    Args:
+        hidden: ``[R, T, H]`` last hidden states.
+        seq_ids: ``[R, T]`` note index, -1 on padding.
+        num_sequences: ``N``, the number of notes in the batch.
+        pooling: ``last`` (each note's last token) or ``mean`` (average of its tokens, accumulated in fp32).
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [R*T, H]
+    ids = seq_ids.reshape(-1)  # [R*T]
+    ids = torch.where(ids >= 0, ids, torch.full_like(ids, num_sequences))
+    if pooling == "mean":
+        sums = torch.zeros(num_sequences + 1, flat.shape[-1], dtype=torch.float32, device=flat.device)
+        sums.index_add_(0, ids, flat.float())  # [N+1, H]
+        counts = torch.zeros(num_sequences + 1, dtype=torch.float32, device=flat.device)
+        counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))  # [N+1]
+        return (sums[:num_sequences] / counts[:num_sequences, None].clamp(min=1)).to(hidden.dtype)  # [N, H]
+    positions = torch.arange(ids.shape[0], device=ids.device)  # [R*T]
+    last = torch.zeros(num_sequences + 1, dtype=torch.long, device=ids.device)
+    last.scatter_reduce_(0, ids, positions, reduce="amax")  # [N+1], flat index of each note's last token
+    return flat[last[:num_sequences]]  # [N, H]
+
+
+def packed_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_sequences: int | None = None,
+    pooling: Pooling = "last",
+) -> torch.Tensor:
+    """Class logits ``[N, C]`` for the notes of a packed batch; equal to ``pooled_logits`` on the padded notes.
+
+    Args:
+        model: From ``build_classifier_backbone`` (PEFT-wrapped or plain).
+        input_ids: ``[R, T]`` packed token ids.
+        position_ids: ``[R, T]`` positions restarting at 0 for each note.
+        seq_ids: ``[R, T]`` note index 0..N-1, -1 on padding.
+        num_sequences: ``N``; default ``seq_ids.max() + 1`` (costs a host sync on GPU).
+        pooling: ``last`` or ``mean``, as in ``pooled_logits``.
+    """
+    classifier = _sequence_classifier(model)
+    body = getattr(classifier, classifier.base_model_prefix)
+    if num_sequences is None:
+        num_sequences = int(seq_ids.max()) + 1
+    if getattr(classifier.config, "_attn_implementation", None) == "flex_attention":
+        mask = flex_block_mask(seq_ids)
+    else:
+        mask = block_causal_mask(seq_ids, body.get_input_embeddings().weight.dtype)  # [R, 1, T, T]
+    hidden = body(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # [R, T, H]
+    return classifier.score(pool_packed(hidden, seq_ids, num_sequences, pooling))  # [N, C]
+
+
+__all__ = [
+    "PackedCollator",
+    "block_causal_mask",
+    "flex_block_mask",
+    "is_packed",
+    "pack_sequences",
+    "packed_logits",
+    "packed_tokens",
+    "pool_packed",
+]

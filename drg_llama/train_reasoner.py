@@ -1,0 +1,145 @@
+"""Train the generative MS-DRG reasoner: SFT cold start on grounded rationales, then GRPO from the SFT adapter.
+
+    python -m drg_llama.train --variant sft                                             # CPU demo, embedded data
+    python -m drg_llama.train --variant grpo --model.init_adapter runs/sft/version_0    # GRPO from that SFT run
+    python -m drg_llama.train --variant sft --config configs/tiny_reasoner.yaml         # seconds, for tests
+    python -m drg_llama.train --variant grpo --print_config                             # the resolved configuration
+
+``drg_llama.train`` hands ``--variant sft|grpo`` to :func:`main` here; ``configs/<variant>.yaml`` comes first and
+later ``--config`` files and dotted overrides win (LightningCLI). The data module is the classifier's
+``DRGDataModule`` (its prepared folder, row limits and label space); the reasoner reads the texts itself.
+
+Each run writes to ``runs/<variant>/version_N/``: ``config.yaml``, ``metrics.csv`` (GRPO: reward, reward_std,
+frac_reward_zero_std, per-reward means, completion length, truncated fraction, clip ratio, KL), ``checkpoints/``
+(trainable tensors only), ``adapter/`` (LoRA, safetensors), ``label_space.json``, ``reasoner.json`` (run type,
+stage, version, the SFT adapter it started from, rationale counts), ``test_metrics.json`` (the classifier's layout)
+and, for GRPO, ``reward_curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from drg_llama.data.datamodule import DRGDataModule
+from drg_llama.models.reasoner import DRGReasoner
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+STAGES = ("sft", "grpo")
+#: Marker file that tells evaluate/predict a run directory holds a reasoner.
+RUN_MARKER = "reasoner.json"
+
+
+class ReasonerCLI(LightningCLI):
+    """LightningCLI for ``DRGReasoner``: links the data module's label space and accepts ``--ckpt_path``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.label_space", "model.label_space", apply_on="instantiate")
+        parser.add_argument("--ckpt_path", default=None, help="checkpoint to resume from")
+
+
+def reasoner_args(variant: str, rest: list[str]) -> list[str]:
+    """``configs/<variant>.yaml`` first, the user's arguments after it, the stage and label variant pinned last."""
+    if variant not in STAGES:
+        raise SystemExit(f"error: the reasoner trains {' or '.join(STAGES)}, not {variant!r}")
+    config = CONFIG_DIR / f"{variant}.yaml"
+    if not config.exists():
+        raise SystemExit(f"error: {config} is missing; drg_llama.train reads configs/ from a source checkout")
+    # The reasoner scores against a single-label space (one class per DRG); its answers are DRGs, not heads.
+    return ["--config", str(config), *rest, f"--model.stage={variant}", "--data.variant=single_label"]
+
+
+def plot_reward_curve(metrics_csv: str | Path, out_png: str | Path, window: int = 5) -> Path | None:
+    """Mean reward per GRPO step (and a moving average) from a run's ``metrics.csv``, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.read_csv(metrics_csv)
+    if "train/reward" not in frame:
+        return None
+    frame = frame.dropna(subset=["train/reward"])
+    steps, reward = frame["step"].to_numpy() + 1, frame["train/reward"].to_numpy()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, reward, "o", ms=3, alpha=0.45, label="mean reward of the step")
+    if len(reward) >= window:
+        smooth = pd.Series(reward).rolling(window, min_periods=1).mean()
+        ax.plot(steps, smooth, "-", lw=2, label=f"moving average ({window} steps)")
+    for column, name in (("train/rewards/exact", "exact DRG"), ("train/rewards/format", "format")):
+        if column in frame:
+            ax.plot(steps, frame[column].rolling(window, min_periods=1).mean(), "--", lw=1, label=name)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def main(argv: list[str], variant: str) -> dict:
+    """Train the reasoner for ``variant`` (sft or grpo), test it greedily and write the run's artifacts.
+
+    Args:
+        argv: Arguments without ``--variant`` (``drg_llama.train`` strips it).
+        variant: ``sft`` or ``grpo``.
+
+    Returns:
+        ``{"<variant> (last)": test metrics}``.
+    """
+    args = reasoner_args(variant, list(argv))
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    cli = ReasonerCLI(
+        DRGReasoner,
+        DRGDataModule,
+        run=False,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": f"python -m drg_llama.train --variant {variant}"},
+    )
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    model.attach_data(data)
+    ckpt_path = cli.config.get("ckpt_path")
+    # The reasoner serves its own loaders (prompts from the texts); the data module only supplies folder and limits.
+    trainer.fit(model, ckpt_path=ckpt_path)
+    trainer.test(model, verbose=False)
+    metrics = model.last_eval["metrics"]
+    run_dir = Path(trainer.log_dir)
+    if trainer.is_global_zero:
+        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        marker = {
+            "run_type": "reasoner",
+            "stage": variant,
+            "drg_version": model.version,
+            "init_adapter": model.hparams.init_adapter,
+            "rationale": model.hparams.rationale,
+            "rationale_counts": model.rationale_counts,
+        }
+        (run_dir / RUN_MARKER).write_text(json.dumps(marker, indent=2))
+        (run_dir / "label_space.json").write_text(json.dumps(model.label_space.to_dict()))
+        report = {
+            "split": "test",
+            "variant": variant,
+            "drg_version": model.version,
+            "checkpoint": last,
+            "decode": "greedy",
+            "metrics": metrics,
+        }
+        (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
+        model.save_adapter(str(run_dir / "adapter"))
+        if variant == "grpo" and (run_dir / "metrics.csv").exists():
+            plot_reward_curve(run_dir / "metrics.csv", run_dir / "reward_curve.png")
+        cells = " ".join(
+            f"{k}={metrics[k]:.3f}"
+            for k in ("top1", "format_valid", "invalid_drg", "base_acc", "severity_acc")
+            if k in metrics and not math.isnan(metrics[k])
+        )
+        print(f"\n{variant} test (greedy, n={int(metrics['n'])}): {cells}\nrun directory: {run_dir}")
+    return {f"{variant} (last)": metrics}

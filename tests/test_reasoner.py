@@ -1,0 +1,329 @@
+"""The reasoner on tiny random models: prompts, shared prefill, a GRPO step, end to end, and a TRL cross-check.
+
+The synthetic corpus is built once per module into a temporary DRG_LLAMA_CACHE.
+"""
+
+import json
+import os
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+
+from drg_llama.data.datamodule import DRGDataModule
+from drg_llama.evaluate import evaluate_run
+from drg_llama.models.backbone import BackboneConfig, build_causal_lm_backbone
+from drg_llama.models.reasoner import (
+    DRGReasoner,
+    build_prompts,
+    clipped_token_loss,
+    combine_rewards,
+    completion_log_probs,
+    group_advantages,
+    left_pad,
+    prompt_parts,
+    reward_table,
+    sample_completions,
+    target_text,
+)
+from drg_llama.models.rewards import exact_drg_reward, format_reward, parse_answer
+from drg_llama.predict import predict_file
+from drg_llama.train import CONFIG_DIR, main
+
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 300,
+    "max_position_embeddings": 1024,
+}
+TINY_CONFIG = str(CONFIG_DIR / "tiny_reasoner.yaml")
+
+
+def tiny_backbone(**kw) -> BackboneConfig:
+    return BackboneConfig(name_or_path="random", random_init=TINY, tokenizer="byte", lora_r=4, lora_alpha=8, **kw)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("drg_cache")
+    old = os.environ.get("DRG_LLAMA_CACHE")
+    os.environ["DRG_LLAMA_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("DRG_LLAMA_CACHE")
+    else:
+        os.environ["DRG_LLAMA_CACHE"] = old
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+
+
+class _ChatTokenizer:
+    """Stands in for a tokenizer with a chat template: one id per character, template markers as text."""
+
+    chat_template = "x"
+    bos_token_id = None
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        body = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+        return body + ("<assistant>" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False, verbose=False):
+        return {"input_ids": [[ord(c) for c in t] for t in text]}
+
+
+def test_the_note_is_truncated_and_the_instruction_never_is():
+    tok = _ChatTokenizer()
+    instruction = "Explain MS-DRG, CC and MCC. " * 20  # long: must survive whole
+    parts = prompt_parts(tok, instruction)
+    note = "A" * 50 + "B" * 50
+    (prompt,) = build_prompts(tok, [note], parts, max_note_tokens=10, truncation="head_tail")
+    text = "".join(chr(i) for i in prompt)
+    assert text == f"<system>{instruction}</><user>Hospital course:\nAAAAABBBBB</><assistant>"
+    (short,) = build_prompts(tok, ["tiny"], parts, max_note_tokens=10, truncation="tail")
+    assert "".join(chr(i) for i in short).endswith("Hospital course:\ntiny</><assistant>")
+
+
+def test_plain_prompt_without_chat_template_and_targets():
+    _, tok = build_causal_lm_backbone(tiny_backbone())
+    assert tok.chat_template is None  # the byte tokenizer: documented plain layout
+    parts = prompt_parts(tok, "Give the DRG.")
+    (prompt,) = build_prompts(tok, ["x" * 100], parts, max_note_tokens=8, truncation="head")
+    text = tok.decode(prompt, skip_special_tokens=True)
+    assert text == "### Instruction\nGive the DRG.\n\n### Hospital course\nxxxxxxxx\n\n### Response\n"
+    assert prompt[0] == tok.bos_token_id
+    target = target_text(291, "v43", "I50.9 is the principal diagnosis.")
+    assert parse_answer(target).drg == 291 and parse_answer(target).format_ok
+    assert parse_answer(target_text(871, "v43", None)).format_ok  # answer-only: an empty think block
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared prefill
+
+
+def test_shared_prefill_matches_per_sample_prefill():
+    torch.manual_seed(0)
+    model, tok = build_causal_lm_backbone(tiny_backbone(lora_dropout=0.0))
+    model.eval()
+    prompts = [list(b"note one, longer<"), list(b"two<")]  # different lengths: left padding
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    g = 3
+    out = sample_completions(model, ids, mask, g, 6, 0.7, tok.eos_token_id, tok.pad_token_id)
+    # the first token's distribution from one prefill per prompt == from G separate prefills of each prompt
+    with torch.no_grad():
+        rep_ids, rep_mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)
+        pos = (rep_mask.cumsum(-1) - 1).clamp(min=0)
+        per_sample = model(input_ids=rep_ids, attention_mask=rep_mask, position_ids=pos).logits[:, -1]
+    torch.testing.assert_close(out["first_logits"].softmax(-1), per_sample.float().softmax(-1))
+    # the expanded cache keeps decoding right: greedy from the shared prefill == greedy on each unpadded prompt
+    shared = sample_completions(model, ids, mask, g, 8, 0.0, tok.eos_token_id, tok.pad_token_id)["completion_ids"]
+    for i, prompt in enumerate(prompts):
+        alone_ids, alone_mask = left_pad([prompt], tok.pad_token_id)
+        alone = sample_completions(model, alone_ids, alone_mask, 1, 8, 0.0, tok.eos_token_id, tok.pad_token_id)
+        for j in range(g):
+            assert shared[i * g + j].tolist() == alone["completion_ids"][0].tolist()
+    # the loss scores sampled tokens exactly as the sampler saw them (positions and masks agree)
+    logps = completion_log_probs(
+        model, rep_ids, rep_mask, out["completion_ids"], out["completion_mask"], temperature=0.7
+    )  # [B*G, C]
+    first = (out["first_logits"] / 0.7).log_softmax(-1).gather(1, out["completion_ids"][:, :1]).squeeze(1)
+    torch.testing.assert_close(logps[:, 0], first, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one GRPO step
+
+
+def _length_reward(completions, **kwargs):
+    """Rewards longer completions: gives the random model's groups variance, hence non-zero advantages."""
+    return [float(len(c)) for c in completions]
+
+
+def test_one_grpo_step_changes_lora_and_not_base_weights(cache):
+    L.seed_everything(0)
+    data = DRGDataModule(variant="single_label", tokenizer=None, synthetic_n=300, limit_train=8, limit_val=4)
+    model = DRGReasoner(
+        backbone=tiny_backbone(lora_dropout=0.0),
+        label_space=data.label_space,
+        stage="grpo",
+        instruction="Give the DRG.",
+        max_note_tokens=32,
+        batch_size=4,
+        num_generations=4,
+        max_new_tokens=6,
+        micro_batch_size=6,  # 16 completions in micro-batches of 6, 6, 4
+        learning_rate=0.05,
+        reward_funcs=["format"],
+    )
+    model.rewards = [_length_reward]
+    model.attach_data(data)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model)
+    lora_changed = [n for n, p in model.named_parameters() if "lora_" in n and not torch.equal(p, before[n])]
+    base_changed = [n for n, p in model.named_parameters() if "lora_" not in n and not torch.equal(p, before[n])]
+    assert lora_changed and not base_changed
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# end to end: train --variant sft, then --variant grpo from its adapter, evaluate, predict
+
+
+@pytest.fixture(scope="module")
+def runs(cache, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reasoner_runs")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        sft = main(["--variant", "sft", "--config", TINY_CONFIG])
+        sft_dir = workdir / "runs" / "sft" / "version_0"
+        grpo = main(
+            ["--variant", "grpo", "--config", TINY_CONFIG, "--model.init_adapter", str(sft_dir), "--model.beta", "0.1"]
+        )
+    finally:
+        os.chdir(cwd)
+    return {"sft": (sft_dir, sft), "grpo": (workdir / "runs" / "grpo" / "version_0", grpo)}
+
+
+@pytest.mark.parametrize("variant", ["sft", "grpo"])
+def test_train_reasoner_writes_every_artifact(runs, variant):
+    run_dir, results = runs[variant]
+    for name in ("config.yaml", "metrics.csv", "label_space.json", "test_metrics.json", "reasoner.json"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    marker = json.loads((run_dir / "reasoner.json").read_text())
+    assert marker["stage"] == variant and marker["run_type"] == "reasoner"
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    keys = {"top1", "top5", "macro_f1_present", "macro_auc", "base_acc", "severity_acc", "format_valid", "invalid_drg"}
+    assert keys | {"pass1_sampled", "maj_at_k", "pass_at_k"} <= set(test["metrics"])
+    assert test["metrics"]["top1"] == test["metrics"]["pass1_greedy"] and test["metrics"]["n"] == 8
+    assert set(results) == {f"{variant} (last)"}
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state and all("lora_" in k for k in state)  # trainable tensors only
+    if variant == "sft":
+        assert metrics["train/loss"].notna().sum() == 2 and metrics["val/loss"].notna().any()
+        assert marker["rationale_counts"].get("grounded", 0) > 0  # grounded targets were built from the codes
+    else:
+        logged = {"reward", "reward_std", "frac_reward_zero_std", "completion_length", "truncated_fraction"}
+        logged |= {"clip_ratio", "kl", "rewards/format", "rewards/exact", "rewards/invalid"}
+        assert {f"train/{k}" for k in logged} <= set(metrics.columns)
+        assert metrics["train/reward"].notna().sum() == 2
+        assert marker["init_adapter"].endswith("version_0")
+        assert (run_dir / "reward_curve.png").stat().st_size > 1000
+
+
+def test_evaluate_and_predict_reasoner_runs(runs, tmp_path):
+    run_dir, _ = runs["grpo"]
+    report = evaluate_run(run_dir, "test")
+    recorded = json.loads((run_dir / "test_metrics.json").read_text())["metrics"]
+    assert report["variant"] == "grpo" and report["metrics"]["n"] == recorded["n"]
+    assert report["metrics"]["top1"] == pytest.approx(recorded["top1"])
+    predictions = pd.read_parquet(run_dir / "eval" / "predictions.parquet")
+    assert {"hadm_id", "gold_drg", "pred_drg", "answer_status", "format_ok"} <= set(predictions.columns)
+    assert "reasoning" not in predictions.columns and "text" not in predictions.columns  # opt-in only
+
+    notes = tmp_path / "notes.csv"
+    pd.DataFrame({"id": ["a", "b"], "text": ["sepsis with acute kidney injury", " "]}).to_csv(notes, index=False)
+    out = predict_file(run_dir, notes, tmp_path / "pred.csv")
+    written = pd.read_csv(tmp_path / "pred.csv")
+    assert list(written["id"].astype(str)) == ["a", "b"] and "text" not in written.columns
+    assert written.loc[1, "skipped"] == "empty_text" and out.loc[0, "answer_status"] in (
+        "ok",
+        "missing",
+        "empty",
+        "invalid_drg",
+    )
+    with_reasoning = predict_file(run_dir, notes, tmp_path / "pred2.parquet", with_reasoning=True)
+    assert "reasoning" in with_reasoning.columns
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TRL cross-check
+
+
+def test_advantages_logprobs_and_loss_gradient_match_trl(tmp_path):
+    """Same tiny model, data, seed and settings: TRL samples one generation batch; our math on it equals TRL's.
+
+    Sampling itself is not compared (TRL samples with ``model.generate``, we with our own shared-prefill loop), so
+    TRL's completions are fed to our functions. Matched: rewards -> advantages (group std, Bessel, eps 1e-4),
+    per-token log-probs at temperature 0.7, and the gradient of the clipped loss normalised by the generation
+    batch's token count (TRL's default ``loss_type="dapo"``). Prompts have different lengths (left padding).
+    """
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from drg_llama.models.backbone import byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    fields = {k: v for k, v in TINY.items() if k != "model_type"}
+    config = AutoConfig.for_model("llama", **fields, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    data = Dataset.from_dict({"prompt": ["note: heart failure, long<", "sepsis<"], "drg_code": [291, 871]})
+    rewards = [format_reward, exact_drg_reward, _length_reward]
+    g, temperature = 4, 0.7
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2 * g,
+        num_generations=g,
+        max_completion_length=8,
+        temperature=temperature,
+        beta=0.0,
+        loss_type="dapo",
+        scale_rewards="group",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        report_to=[],
+        use_cpu=True,
+        max_steps=1,
+        seed=0,
+        save_strategy="no",
+        bf16=False,  # TRL would autocast its log-prob forward to bf16 where the CPU supports it; compare fp32 math
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=data, processing_class=tok)
+    rows = [data[i] for i in range(2) for _ in range(g)]  # TRL's sampler repeats each prompt G times
+    inputs = trainer._generate_and_score_completions(rows)
+    mask = inputs["completion_mask"]
+
+    ids_list = [r[m.bool()].tolist() for r, m in zip(inputs["completion_ids"], mask)]
+    texts = tok.batch_decode(ids_list, skip_special_tokens=True)
+    columns = {"drg_code": [r["drg_code"] for r in rows]}
+    per_fn = reward_table(rewards, [r["prompt"] for r in rows], texts, ids_list, columns)
+    advantages, _ = group_advantages(combine_rewards(per_fn, torch.ones(len(rewards))), g, "group")
+    torch.testing.assert_close(advantages, inputs["advantages"])
+    assert advantages.abs().sum() > 0  # the length reward makes the comparison non-trivial
+
+    model.train()
+    full_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    full_mask = torch.cat([inputs["prompt_mask"], mask], 1)
+    trl_logps = trainer._get_per_token_logps_and_entropies(model, full_ids, full_mask, mask.shape[1])[0]
+    ours = completion_log_probs(
+        model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], mask, temperature
+    )
+    torch.testing.assert_close(ours[mask.bool()], trl_logps[mask.bool()], atol=1e-5, rtol=1e-5)
+
+    trainer.current_gradient_accumulation_steps = 1  # Trainer.train() sets this; we call compute_loss directly
+    model.zero_grad()
+    trl_loss = trainer.compute_loss(model, inputs)
+    trl_loss.backward()
+    trl_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ours_loss = clipped_token_loss(ours, ours.detach(), advantages, mask, 0.2, 0.28, num_tokens=mask.sum())["loss"]
+    ours_loss.backward()
+    assert ours_loss.item() == pytest.approx(trl_loss.item(), abs=1e-6)
+    assert trl_grads and any(g.abs().max() > 0 for g in trl_grads.values())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, trl_grads[name], atol=1e-6, rtol=1e-4, msg=name)
