@@ -44,10 +44,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
     from drg_llama.models.classifier import DRGClassifier
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.exists():
-        raise RunError(f"{run_dir} has no config.yaml; pass a directory written by python -m drg_llama.train")
-    config = yaml.safe_load(config_path.read_text())
+    config = read_run_config(run_dir)
     ckpt = _checkpoint_path(run_dir, checkpoint)
     # Checkpoints hold only trainable tensors; the frozen base is rebuilt. For a random-init backbone (tests,
     # benchmarks) that rebuild must draw the same weights as training did, so seed as the training run did.
@@ -63,6 +60,14 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
         )
     data.set_tokenizer(model.tokenizer)
     return model, data, ckpt
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The resolved ``config.yaml`` a training run saved, or a clear error when the folder is not a run."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.exists():
+        raise RunError(f"{run_dir} has no config.yaml; pass a directory written by python -m drg_llama.train")
+    return yaml.safe_load(config_path.read_text())
 
 
 def _checkpoint_path(run_dir: Path, checkpoint: str) -> str:

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from drg_llama.train_reasoner import RUN_MARKER
 
@@ -36,17 +35,14 @@ def load_reasoner_run(run_dir: str | Path, checkpoint: str = "last"):
         ``(model, datamodule, checkpoint_path)``.
     """
     from drg_llama.data.datamodule import DRGDataModule
-    from drg_llama.evaluate import RunError
+    from drg_llama.evaluate import RunError, read_run_config
     from drg_llama.models.reasoner import DRGReasoner
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.exists():
-        raise RunError(f"{run_dir} has no config.yaml; pass a directory written by python -m drg_llama.train")
+    config = read_run_config(run_dir)
     ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.exists():
         raise RunError(f"no checkpoint {ckpt}")
-    config = yaml.safe_load(config_path.read_text())
     model = DRGReasoner.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False)
     data_args = dict(config.get("data") or {})
     data_args.pop("label_space", None)
@@ -131,7 +127,7 @@ def predict_reasoner_file(
     from drg_llama.drg import get_table
     from drg_llama.models.reasoner import build_prompts, left_pad
     from drg_llama.models.rewards import parse_answer
-    from drg_llama.predict import InputError, read_notes
+    from drg_llama.predict import InputError, read_notes, write_predictions
 
     notes, skipped = read_notes(input_path)
     if notes.empty:
@@ -160,15 +156,7 @@ def predict_reasoner_file(
     )
     if with_reasoning:
         out["reasoning"] = [a.reasoning for a in answers]
-    if not skipped.empty:
-        out = pd.concat([out, skipped.rename(columns={"reason": "skipped"})], ignore_index=True)
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    if output_path.suffix == ".parquet":
-        out.to_parquet(output_path, index=False)
-    else:
-        out.to_csv(output_path, index=False)
-    return out
+    return write_predictions(out, skipped, output_path)
 
 
 __all__ = ["evaluate_reasoner_run", "is_reasoner_run", "load_reasoner_run", "predict_reasoner_file"]

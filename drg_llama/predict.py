@@ -104,8 +104,14 @@ def predict_file(
         out[f"drg_{j + 1}"] = [int(codes[j]) for codes in top["top_drgs"]]
         out[f"title_{j + 1}"] = [table[int(codes[j])].title for codes in top["top_drgs"]]
         out[f"prob_{j + 1}"] = [float(p[j]) for p in top["top_probs"]]
+    return write_predictions(out, skipped, output_path)
+
+
+def write_predictions(predicted: pd.DataFrame, skipped: pd.DataFrame, output_path: str | Path) -> pd.DataFrame:
+    """Append the skipped notes (id + reason) and write CSV or Parquet by the file's extension."""
+    out = predicted
     if not skipped.empty:
-        out = pd.concat([out, skipped.rename(columns={"reason": "skipped"})], ignore_index=True)
+        out = pd.concat([predicted, skipped.rename(columns={"reason": "skipped"})], ignore_index=True)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     if output_path.suffix == ".parquet":

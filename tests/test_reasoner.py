@@ -48,18 +48,6 @@ def tiny_backbone(**kw) -> BackboneConfig:
     return BackboneConfig(name_or_path="random", random_init=TINY, tokenizer="byte", lora_r=4, lora_alpha=8, **kw)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("drg_cache")
-    old = os.environ.get("DRG_LLAMA_CACHE")
-    os.environ["DRG_LLAMA_CACHE"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("DRG_LLAMA_CACHE")
-    else:
-        os.environ["DRG_LLAMA_CACHE"] = old
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # prompts
 

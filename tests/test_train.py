@@ -28,18 +28,6 @@ TINY = str(CONFIG_DIR / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("drg_cache")
-    old = os.environ.get("DRG_LLAMA_CACHE")
-    os.environ["DRG_LLAMA_CACHE"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("DRG_LLAMA_CACHE")
-    else:
-        os.environ["DRG_LLAMA_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
 def runs(cache, tmp_path_factory):
     """One tiny training run per variant (train -> best on val -> test -> baseline)."""
     out = {}

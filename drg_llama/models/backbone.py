@@ -550,6 +550,24 @@ def pooled_logits(
     return classifier.score(pooled)  # [B, C]
 
 
+def keep_trainable_tensors(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Strip a Lightning checkpoint's state_dict to the trainable tensors (LoRA, heads).
+
+    The frozen base is rebuilt from the backbone config on load, so checkpoints stay small (megabytes, not the
+    model's gigabytes). Call from ``on_save_checkpoint``.
+    """
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def check_trainable_tensors(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Fail clearly when a checkpoint lacks trainable tensors of ``module``. Call from ``on_load_checkpoint``."""
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    missing = trainable - set(checkpoint["state_dict"])
+    if missing:
+        raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+
+
 def trainable_parameter_count(model: nn.Module) -> int:
     """Number of parameters with ``requires_grad`` (LoRA matrices plus the score head for a classifier)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

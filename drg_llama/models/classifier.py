@@ -28,7 +28,13 @@ import torch.nn.functional as F
 
 from drg_llama.drg import LabelSpace
 from drg_llama.metrics import score_predictions
-from drg_llama.models.backbone import BackboneConfig, build_classifier_backbone, pooled_logits
+from drg_llama.models.backbone import (
+    BackboneConfig,
+    build_classifier_backbone,
+    check_trainable_tensors,
+    keep_trainable_tensors,
+    pooled_logits,
+)
 from drg_llama.models.packing import is_packed, packed_logits
 
 
@@ -240,14 +246,10 @@ class DRGClassifier(L.LightningModule):
     # checkpoints: trainable tensors only
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable_tensors(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        missing = trainable - set(checkpoint["state_dict"])
-        if missing:
-            raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        check_trainable_tensors(self, checkpoint)
 
     def save_adapter(self, folder: str) -> None:
         """Write the LoRA adapter + score head as safetensors (PEFT layout) with the label space."""

@@ -59,7 +59,12 @@ from torch.utils.data import DataLoader
 from drg_llama.data.datamodule import truncate_ids
 from drg_llama.drg import LabelSpace, resolve_version
 from drg_llama.metrics import f1_scores, score_predictions
-from drg_llama.models.backbone import BackboneConfig, build_causal_lm_backbone
+from drg_llama.models.backbone import (
+    BackboneConfig,
+    build_causal_lm_backbone,
+    check_trainable_tensors,
+    keep_trainable_tensors,
+)
 from drg_llama.models.rewards import REWARD_FUNCTIONS, ParsedAnswer, format_answer, parse_answer, score_answers
 
 logger = logging.getLogger(__name__)
@@ -876,14 +881,10 @@ class DRGReasoner(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable_tensors(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        missing = trainable - set(checkpoint["state_dict"])
-        if missing:
-            raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        check_trainable_tensors(self, checkpoint)
 
     def save_adapter(self, folder: str) -> None:
         """Write the LoRA adapter as safetensors (PEFT layout)."""
