@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -49,6 +50,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
     # Checkpoints hold only trainable tensors; the frozen base is rebuilt. For a random-init backbone (tests,
     # benchmarks) that rebuild must draw the same weights as training did, so seed as the training run did.
     L.seed_everything(config.get("seed_everything") or 0, verbose=False)
+    # Checkpoints hold only trainable tensors by design (on_load_checkpoint checks they are all there), so
+    # Lightning's list of frozen base keys "not in the checkpoint" is expected, not a problem.
+    warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
     model = DRGClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
     data_args = dict(config.get("data") or {})
     data_args.pop("label_space", None)

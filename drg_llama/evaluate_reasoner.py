@@ -12,6 +12,7 @@ invalid-DRG fractions, Pass@1 sampled, Maj@k, Pass@k). Predictions carry ids and
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +44,9 @@ def load_reasoner_run(run_dir: str | Path, checkpoint: str = "last"):
     ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.exists():
         raise RunError(f"no checkpoint {ckpt}")
+    # Checkpoints hold only trainable tensors by design (on_load_checkpoint checks they are all there), so
+    # Lightning's list of frozen base keys "not in the checkpoint" is expected, not a problem.
+    warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
     model = DRGReasoner.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False)
     data_args = dict(config.get("data") or {})
     data_args.pop("label_space", None)

@@ -414,15 +414,24 @@ def _load_model(cfg: BackboneConfig, auto_cls, tokenizer, num_labels: int | None
         extra: dict[str, Any] = {}
         if quant is not None:
             extra = {"quantization_config": quant, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
-        model = auto_cls.from_pretrained(
-            path,
-            config=config,
-            dtype=cfg.torch_dtype,
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=True,
-            **extra,
-        )
+        from transformers.utils import logging as hf_logging
+
+        # The load report lists the layers a truncated model leaves out and the freshly initialised head: both are
+        # intended here, and a table of "UNEXPECTED"/"MISSING" keys would only alarm the user.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = auto_cls.from_pretrained(
+                path,
+                config=config,
+                dtype=cfg.torch_dtype,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=True,
+                **extra,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # Only when load_tokenizer had to add a <pad> token (or the tokenizer outgrew a random config's vocab).
         model.resize_token_embeddings(len(tokenizer))
