@@ -38,7 +38,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from drg_llama.drg import SEVERITIES, LabelSpace, get_table
-from drg_llama.metrics import ECE_BINS, expected_calibration_error, reliability_bins
+from drg_llama.metrics import ECE_BINS, drg_weights, expected_calibration_error, reliability_bins, with_unseen_class
 
 #: Illustrative base rate in USD per unit of relative weight. It is of the order of CMS's national operating
 #: standardized amount for recent fiscal years, NOT an official figure: pass your hospital's blended rate.
@@ -123,15 +123,6 @@ def fit_temperature(probs: Any, gold: Any) -> float:
     return float(1.0 / result.x)
 
 
-def _with_unseen_column(probs: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Gold -1 (unseen DRG) becomes an extra class of probability 0, so it counts as a miss (as in metrics.py)."""
-    unseen = gold < 0
-    if not unseen.any():
-        return probs, gold
-    probs = np.concatenate([probs, np.zeros((len(probs), 1))], axis=1)
-    return probs, np.where(unseen, probs.shape[1] - 1, gold)
-
-
 def calibration_report(
     test_probs: Any, test_gold: Any, val_probs: Any, val_gold: Any, n_bins: int = ECE_BINS
 ) -> dict[str, Any]:
@@ -152,7 +143,7 @@ def calibration_report(
         "val_nll_after": nll(apply_temperature(val_probs, temperature), val_gold),
     }
     for tag, probs in (("before", test_probs), ("after", apply_temperature(test_probs, temperature))):
-        padded, gold = _with_unseen_column(probs, test_gold)
+        padded, gold = with_unseen_class(probs, test_gold)
         out[f"nll_{tag}"] = nll(probs, test_gold)
         out[f"ece_{tag}"] = expected_calibration_error(padded, gold, n_bins)
         out[f"bins_{tag}"] = reliability_bins(padded, gold, n_bins)
@@ -322,15 +313,6 @@ def payment_impact(
         "dollars_net": float(base_rate * error.sum()),
         "dollars_at_risk_per_stay": float(base_rate * np.abs(error).mean()),
     }
-
-
-def drg_weights(codes: Sequence[int], version: str) -> np.ndarray:
-    """CMS relative weight of each DRG code under ``version`` (NaN when the code or the version has none)."""
-    table = get_table(version)
-    return np.array(
-        [table[int(c)].weight if int(c) in table and table[int(c)].weight is not None else np.nan for c in codes],
-        dtype=np.float64,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

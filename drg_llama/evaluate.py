@@ -24,8 +24,6 @@ import yaml
 
 from drg_llama.analysis import DEFAULT_BASE_RATE, DEFAULT_TARGET_ACCURACY, analysis_report, save_calibration
 
-log_prefix = "drg_llama.evaluate"
-
 
 class RunError(ValueError):
     """A run directory that cannot be evaluated (missing files, wrong layout)."""

@@ -241,6 +241,31 @@ def compute_metrics(
 # Scoring against a label space (shared by the classifier, evaluate and the baseline)
 
 
+def drg_weights(codes: Sequence[int], version: str) -> np.ndarray:
+    """CMS relative weight of each DRG code under ``version`` (NaN when the code or the version has none)."""
+    table = get_table(version)
+    return np.array(
+        [table[int(c)].weight if int(c) in table and table[int(c)].weight is not None else np.nan for c in codes],
+        dtype=np.float64,
+    )
+
+
+def with_unseen_class(probs: np.ndarray, gold_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Score gold index -1 (a DRG unseen in training) as a miss, never drop it.
+
+    Such rows get one extra class column of probability 0 as their gold class, so every metric counts them wrong.
+
+    Returns:
+        ``(probs, gold_index)``, widened by one column when any gold index is -1.
+    """
+    gold_index = np.asarray(gold_index)
+    unseen = gold_index < 0
+    if not unseen.any():
+        return probs, gold_index
+    probs = np.concatenate([probs, np.zeros((len(probs), 1), dtype=probs.dtype)], axis=1)
+    return probs, np.where(unseen, probs.shape[1] - 1, gold_index)
+
+
 def label_info(space: LabelSpace) -> LabelInfo:
     """Per-class base DRG, severity set, MDC and CMS weight, for the coarse metrics."""
     table = get_table(space.version)
@@ -248,20 +273,16 @@ def label_info(space: LabelSpace) -> LabelInfo:
         base_of_class=[table.base(d) for d in space.drgs],
         severity_of_class=[frozenset(s.value for s in table.allowed_severities(d)) for d in space.drgs],
         mdc_of_class=[table[d].mdc for d in space.drgs],
-        weight_of_class=[table[d].weight if table[d].weight is not None else math.nan for d in space.drgs],
+        weight_of_class=list(drg_weights(space.drgs, space.version)),
     )
 
 
 def score_predictions(space: LabelSpace, probs: np.ndarray, gold_index: np.ndarray) -> dict[str, float]:
-    """Metrics over DRG classes; gold index -1 (a DRG unseen in training) counts as an error, never dropped.
-
-    Unseen DRGs get one extra class column of probability 0, so every metric treats them as misses.
-    """
+    """Metrics over the label space's DRG classes; gold index -1 counts as an error (see ``with_unseen_class``)."""
     info = label_info(space)
-    unseen = gold_index < 0
-    if unseen.any():
-        probs = np.concatenate([probs, np.zeros((len(probs), 1), dtype=probs.dtype)], axis=1)
-        gold_index = np.where(unseen, probs.shape[1] - 1, gold_index)
+    n_unseen = int((np.asarray(gold_index) < 0).sum())
+    probs, gold_index = with_unseen_class(probs, gold_index)
+    if n_unseen:
         info = LabelInfo(
             [*info.base_of_class, -1],
             [*info.severity_of_class, frozenset()],
@@ -269,5 +290,5 @@ def score_predictions(space: LabelSpace, probs: np.ndarray, gold_index: np.ndarr
             [*info.weight_of_class, math.nan] if info.weight_of_class is not None else None,
         )
     metrics = compute_metrics(probs, gold_index, info)
-    metrics["unseen_gold"] = float(unseen.sum())
+    metrics["unseen_gold"] = float(n_unseen)
     return metrics
