@@ -16,16 +16,19 @@ from drg_llama.evaluate import evaluate_run
 from drg_llama.models.backbone import BackboneConfig, build_causal_lm_backbone
 from drg_llama.models.reasoner import (
     DRGReasoner,
+    answer_stop,
     build_prompts,
     clipped_token_loss,
     combine_rewards,
-    completion_log_probs,
     group_advantages,
+    group_log_probs,
     left_pad,
+    positions,
     prompt_parts,
     reward_table,
     sample_completions,
     target_text,
+    token_log_probs,
 )
 from drg_llama.models.rewards import exact_drg_reward, format_reward, parse_answer
 from drg_llama.predict import predict_file
@@ -42,6 +45,15 @@ TINY = {
     "max_position_embeddings": 1024,
 }
 TINY_CONFIG = str(CONFIG_DIR / "tiny_reasoner.yaml")
+
+
+def full_forward_log_probs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
+    """The plain definition ``group_log_probs`` must equal: one forward of every (repeated) prompt + completion."""
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    c = completion_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=c + 1).logits
+    return token_log_probs(logits[:, :-1], completion_ids, temperature)
 
 
 def tiny_backbone(**kw) -> BackboneConfig:
@@ -117,11 +129,79 @@ def test_shared_prefill_matches_per_sample_prefill():
         for j in range(g):
             assert shared[i * g + j].tolist() == alone["completion_ids"][0].tolist()
     # the loss scores sampled tokens exactly as the sampler saw them (positions and masks agree)
-    logps = completion_log_probs(
+    logps = full_forward_log_probs(
         model, rep_ids, rep_mask, out["completion_ids"], out["completion_mask"], temperature=0.7
     )  # [B*G, C]
     first = (out["first_logits"] / 0.7).log_softmax(-1).gather(1, out["completion_ids"][:, :1]).squeeze(1)
     torch.testing.assert_close(logps[:, 0], first, atol=1e-5, rtol=1e-5)
+
+
+def test_group_log_probs_equal_per_sample_forwards_in_value_and_gradient():
+    torch.manual_seed(0)
+    model, tok = build_causal_lm_backbone(tiny_backbone(lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # LoRA B starts at zero; make the adapter matter so its gradients are non-trivial
+            torch.nn.init.normal_(param, std=0.5)
+    prompts = [list(b"note one, longer<"), list(b"two<")]
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    g = 3
+    out = sample_completions(model, ids, mask, g, 7, 1.0, tok.eos_token_id, tok.pad_token_id)
+    comp, comp_mask = out["completion_ids"], out["completion_mask"].clone()
+    comp_mask[1, 3:] = 0  # a completion that ended early: padded tail
+    weights = torch.randn(comp.shape)
+
+    def value_and_grads(fn, *prompt_args):
+        model.zero_grad()
+        logps = fn(model, *prompt_args, comp, comp_mask, 0.7)
+        (logps * weights * comp_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return logps.detach(), grads
+
+    shared, shared_grads = value_and_grads(group_log_probs, ids, mask)
+    rep = (ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0))
+    separate, separate_grads = value_and_grads(full_forward_log_probs, *rep)
+    real = comp_mask.bool()
+    torch.testing.assert_close(shared[real], separate[real], atol=1e-5, rtol=1e-5)
+    assert separate_grads and all(g.abs().sum() > 0 for g in separate_grads.values())
+    for name, grad in separate_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="groups"):
+        group_log_probs(model, ids[:1].repeat(4, 1), mask[:1].repeat(4, 1), comp, comp_mask, 1.0)
+
+
+def test_sampling_stops_at_the_closing_answer_tag():
+    torch.manual_seed(0)
+    model, tok = build_causal_lm_backbone(tiny_backbone())
+    ids, mask = left_pad([list(b"a note<")], tok.pad_token_id)
+    closing = tok("</answer>", add_special_tokens=False)["input_ids"]
+    # a model that can only write "</answer>" then "x" forever: the completion must end at the tag
+    (x,) = tok("x", add_special_tokens=False)["input_ids"]
+    script = closing + [x] * 20
+
+    class Scripted(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None, **kw):
+            step = 0 if past_key_values is None else past_key_values.step + 1
+            cache = past_key_values or _StepCache()
+            cache.step = step
+            logits = torch.full((input_ids.shape[0], 1, 300), -1e9)
+            logits[:, :, script[step]] = 0.0
+            return type("Out", (), {"logits": logits, "past_key_values": cache})()
+
+    stop = answer_stop(tok)
+    out = sample_completions(Scripted(), ids, mask, 2, 16, 1.0, tok.eos_token_id, tok.pad_token_id, stop=stop)
+    assert out["completion_ids"].shape[1] == len(closing)
+    assert tok.decode(out["completion_ids"][0].tolist()) == "</answer>"
+    assert out["completion_mask"].all() and not out["truncated"].any()
+    unstopped = sample_completions(Scripted(), ids, mask, 2, 16, 1.0, tok.eos_token_id, tok.pad_token_id)
+    assert unstopped["completion_ids"].shape[1] == 16 and unstopped["truncated"].all()
+    assert stop(torch.tensor([closing, [x] * len(closing)])).tolist() == [True, False]
+    spaced = tok("</ ANSWER >", add_special_tokens=False)["input_ids"]
+    assert stop(torch.tensor([[x] * 5 + spaced])).tolist() == [True]  # as tolerant as the parser
+
+
+class _StepCache:
+    def batch_repeat_interleave(self, repeats):
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,9 +378,8 @@ def test_advantages_logprobs_and_loss_gradient_match_trl(tmp_path):
     full_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     full_mask = torch.cat([inputs["prompt_mask"], mask], 1)
     trl_logps = trainer._get_per_token_logps_and_entropies(model, full_ids, full_mask, mask.shape[1])[0]
-    ours = completion_log_probs(
-        model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], mask, temperature
-    )
+    prompts = (inputs["prompt_ids"][::g], inputs["prompt_mask"][::g])  # TRL repeats each prompt G times; we don't
+    ours = group_log_probs(model, *prompts, inputs["completion_ids"], mask, temperature)
     torch.testing.assert_close(ours[mask.bool()], trl_logps[mask.bool()], atol=1e-5, rtol=1e-5)
 
     trainer.current_gradient_accumulation_steps = 1  # Trainer.train() sets this; we call compute_loss directly

@@ -65,7 +65,14 @@ from drg_llama.models.backbone import (
     check_trainable_tensors,
     keep_trainable_tensors,
 )
-from drg_llama.models.rewards import REWARD_FUNCTIONS, ParsedAnswer, format_answer, parse_answer, score_answers
+from drg_llama.models.rewards import (
+    REWARD_FUNCTIONS,
+    ParsedAnswer,
+    answer_closed,
+    format_answer,
+    parse_answer,
+    score_answers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +197,7 @@ def sample_completions(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample ``num_samples`` completions per prompt, prefilling each prompt once.
 
@@ -206,9 +214,11 @@ def sample_completions(
         eos_token_id: Ends a completion (kept as its last token).
         pad_token_id: Written after a completion ended.
         generator: Optional RNG for reproducible sampling.
+        stop: Optional ``tokens [N, t] -> bool [N]``: rows whose completion is complete after the last token (the
+            reasoner stops at ``</answer>``: nothing after it is read, so sampling it only costs time and drifts).
 
     Returns:
-        ``completion_ids`` [B*G, C], ``completion_mask`` [B*G, C] (1 up to and including eos),
+        ``completion_ids`` [B*G, C], ``completion_mask`` [B*G, C] (1 up to and including eos or the stop),
         ``truncated`` [B*G] bool, ``first_logits`` [B*G, V] (the distribution of the first token, for tests).
     """
     g = num_samples
@@ -231,7 +241,10 @@ def sample_completions(
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
         tokens.append(nxt)
         alive.append(~finished)
-        finished = finished | (nxt == eos_token_id)
+        done = nxt == eos_token_id
+        if stop is not None:
+            done = done | stop(torch.stack(tokens, dim=1))
+        finished = finished | done
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -250,6 +263,22 @@ def sample_completions(
         "truncated": ~finished,
         "first_logits": first_logits,
     }
+
+
+def answer_stop(tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A ``stop`` for ``sample_completions``: ends a row the step its last few tokens close ``</answer>``.
+
+    It reads decoded text, not token ids, because ``</answer>`` tokenizes differently after different words. A row
+    is checked every step, so the tag is found the step it is completed; the window is twice the tag's own token
+    count, room for the spaced and cased variants the parser accepts.
+    """
+    window = 2 * len(tokenizer("</answer>", add_special_tokens=False)["input_ids"]) + 2
+
+    def stop(tokens: torch.Tensor) -> torch.Tensor:
+        tails = tokenizer.batch_decode(tokens[:, -window:].tolist(), skip_special_tokens=True)
+        return torch.tensor([answer_closed(t) for t in tails], dtype=torch.bool, device=tokens.device)
+
+    return stop
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,7 +401,7 @@ def clipped_token_loss(
     }
 
 
-def completion_log_probs(
+def group_log_probs(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
@@ -380,12 +409,40 @@ def completion_log_probs(
     completion_mask: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
-    """``[N, C]`` log-probs of the completion tokens given left-padded prompts (one forward of prompt+completion)."""
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+C]
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    """``[b*G, C]`` log-probs of G completions per prompt, with each prompt's forward run once, not G times.
+
+    The prompts ``[b, P]`` are prefilled once (with gradient), their KV cache is repeated G times along the batch,
+    and only the completions ``[b*G, C]`` (G consecutive rows per prompt, as ``sample_completions`` returns them) run
+    on top of it. The gradient reaching the shared prompt activations is the sum over the group, exactly what G
+    separate forwards would give; the cost of the prompt part falls from b*G*P tokens to b*P. With 300-token
+    prompts and 30-token answers this is most of a GRPO step.
+
+    Returns:
+        ``[b*G, C]`` log-probs under ``softmax(logits / temperature)``, equal in value and gradient to one forward
+        of each repeated prompt + completion (``tests/test_reasoner.py``, which also checks them against TRL).
+    """
+    b, n = prompt_ids.shape[0], completion_ids.shape[0]
+    if b == 0 or n % b:
+        raise ValueError(f"{n} completions do not split into groups over {b} prompts")
+    g = n // b
+    pos = positions(prompt_mask)  # [b, P]
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(g)  # [b, ...] -> [b*G, ...], differentiable: gradients of the group add up
+    first = out.logits[:, -1:].repeat_interleave(g, dim=0)  # [b*G, 1, V]: predicts the first completion token
     c = completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=c + 1).logits
-    return token_log_probs(logits[:, :-1], completion_ids, temperature)  # logits at t predict token t+1
+    mask = torch.cat([prompt_mask.repeat_interleave(g, dim=0), completion_mask], dim=1)  # [b*G, P+C]
+    start = pos[:, -1:].repeat_interleave(g, dim=0) + 1  # [b*G, 1]
+    rest = model(
+        input_ids=completion_ids,
+        attention_mask=mask,
+        position_ids=start + torch.arange(c, device=start.device)[None, :],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=c,
+    ).logits  # [b*G, C, V]: position t predicts token t+1
+    logits = torch.cat([first, rest[:, :-1]], dim=1)  # [b*G, C, V]
+    return token_log_probs(logits, completion_ids, temperature)
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -416,6 +473,21 @@ def reward_table(
             )
         out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
     return out
+
+
+def answer_diversity(answers: Sequence[int | None], group_size: int) -> dict[str, float]:
+    """How varied a generation batch's answers are (None = no valid DRG, counted as one more answer).
+
+    Returns:
+        ``distinct_answers``: distinct answers over the batch / the number of prompts (1.0 when each prompt gets its
+        own answer, 1/B when every prompt gets the same one: mode collapse); ``group_distinct``: mean over groups of
+        distinct answers / G (0 variety inside a group = nothing for GRPO to compare).
+    """
+    groups = [answers[i : i + group_size] for i in range(0, len(answers), group_size)]
+    return {
+        "distinct_answers": len(set(answers)) / max(len(groups), 1),
+        "group_distinct": float(np.mean([len(set(grp)) / len(grp) for grp in groups])) if groups else 0.0,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -491,7 +563,8 @@ class DRGReasoner(L.LightningModule):
         epsilon_high: Upper clip (default epsilon_low).
         beta: KL coefficient to the reference policy (0 disables the reference forward).
         grpo_iterations: Optimizer steps per generation batch (mu); > 1 makes the clip active.
-        micro_batch_size: Completions per forward/backward in the GRPO loss (token counts normalise across them).
+        micro_batch_size: Completions per forward/backward in the GRPO loss, rounded down to whole groups (at least
+            one prompt x G); token counts normalise across micro-batches.
         eval_samples: k sampled answers per evaluation prompt for Pass@1 (sampled), Maj@k, Pass@k; 0 greedy only.
         eval_temperature: Temperature of those samples.
         drg_version: MS-DRG version of answers (default: the label space's).
@@ -581,6 +654,7 @@ class DRGReasoner(L.LightningModule):
         text = instruction if instruction is not None else INSTRUCTION
         self.instruction = text.replace("{version}", f"version {self.version}")
         self.parts = prompt_parts(self.tokenizer, self.instruction)
+        self._stop = answer_stop(self.tokenizer)
         self._data_module = None
         self._examples: dict[str, list[dict]] = {}
         self._eval: list[dict] = []
@@ -723,9 +797,9 @@ class DRGReasoner(L.LightningModule):
 
     def _reference_logps(self, *args) -> torch.Tensor:
         if self.reference is not None:
-            return completion_log_probs(self.reference, *args)
+            return group_log_probs(self.reference, *args)
         with self.model.disable_adapter():  # base (+ merged SFT adapter) = the reference policy
-            return completion_log_probs(self.model, *args)
+            return group_log_probs(self.model, *args)
 
     def grpo_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One GRPO step on a batch of prompts: sample, score, advantages, clipped loss, optimizer step(s)."""
@@ -742,10 +816,9 @@ class DRGReasoner(L.LightningModule):
             self.tokenizer.eos_token_id,
             self.tokenizer.pad_token_id,
             self._generator(),
+            stop=self._stop,
         )
         self.model.train()
-        prompt_ids = batch["prompt_ids"].repeat_interleave(g, dim=0)  # [B*G, P]
-        prompt_mask = batch["prompt_mask"].repeat_interleave(g, dim=0)
         comp_ids, comp_mask = sample["completion_ids"], sample["completion_mask"]  # [B*G, C]
         ids_list = [row[m.bool()].tolist() for row, m in zip(comp_ids, comp_mask)]
         texts = self.tokenizer.batch_decode(ids_list, skip_special_tokens=True)
@@ -762,37 +835,41 @@ class DRGReasoner(L.LightningModule):
         if world > 1:
             # Normalise by the mean token count per rank so that DDP's gradient average equals sum / global tokens.
             n_tokens = self.trainer.strategy.reduce(n_tokens, reduce_op="sum") / world
-        micro = hp.micro_batch_size
-        slices = [slice(i, i + micro) for i in range(0, comp_ids.shape[0], micro)]
-        args = (prompt_ids, prompt_mask, comp_ids, comp_mask, temperature)
+        # Micro-batches hold whole groups, so each prompt is prefilled once per forward (group_log_probs).
+        per_micro = max(1, hp.micro_batch_size // g)
+        prompts = [slice(i, i + per_micro) for i in range(0, batch["prompt_ids"].shape[0], per_micro)]
+        slices = [(p, slice(p.start * g, p.stop * g)) for p in prompts]  # (prompt rows, completion rows)
+
+        def args(p: slice, c: slice) -> tuple:
+            return batch["prompt_ids"][p], batch["prompt_mask"][p], comp_ids[c], comp_mask[c], temperature
+
         old, ref = None, None
         with torch.no_grad():
             if hp.grpo_iterations > 1:
-                old = torch.cat(
-                    [completion_log_probs(self.model, *(a[s] for a in args[:4]), temperature) for s in slices]
-                )
+                old = torch.cat([group_log_probs(self.model, *args(p, c)) for p, c in slices])
             if hp.beta > 0:
-                ref = torch.cat([self._reference_logps(*(a[s] for a in args[:4]), temperature) for s in slices])
+                ref = torch.cat([self._reference_logps(*args(p, c)) for p, c in slices])
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
-        totals = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0}
+        totals = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0, "logp_sum": 0.0}
         for _ in range(hp.grpo_iterations):
-            for s in slices:
-                logps = completion_log_probs(self.model, *(a[s] for a in args[:4]), temperature)  # [m, C]
+            for p, c in slices:
+                logps = group_log_probs(self.model, *args(p, c))  # [m*G, C]
                 terms = clipped_token_loss(
                     logps,
-                    old[s] if old is not None else logps.detach(),
-                    advantages[s],
-                    comp_mask[s],
+                    old[c] if old is not None else logps.detach(),
+                    advantages[c],
+                    comp_mask[c],
                     hp.epsilon_low,
                     hp.epsilon_high,
-                    ref[s] if ref is not None else None,
+                    ref[c] if ref is not None else None,
                     hp.beta,
                     num_tokens=n_tokens,
                 )
                 self.manual_backward(terms["loss"])
-                for key in totals:
+                for key in ("loss", "tokens", "clipped", "kl_sum"):
                     totals[key] += float(terms[key])
+                totals["logp_sum"] += float((logps.detach() * comp_mask[c]).sum())
             if hp.max_grad_norm > 0:
                 self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
             opt.step()
@@ -811,6 +888,10 @@ class DRGReasoner(L.LightningModule):
             "clip_ratio": totals["clipped"] / tokens,
             "kl": totals["kl_sum"] / tokens,
             "loss": totals["loss"] / hp.grpo_iterations,
+            # Collapse shows here before it shows in the reward: the policy's per-token entropy (estimated by the
+            # sampled tokens' -log p) falls and every prompt gets the same answer.
+            "entropy": -totals["logp_sum"] / tokens,
+            **answer_diversity([parse_answer(t, self.version).drg for t in texts], g),
         }
         for name, column in zip(hp.reward_funcs, per_fn.T):
             stats[f"rewards/{name}"] = float(torch.nanmean(column)) if not torch.isnan(column).all() else math.nan
@@ -836,13 +917,12 @@ class DRGReasoner(L.LightningModule):
             rows = [r[m.bool()].tolist() for r, m in zip(out["completion_ids"], out["completion_mask"])]
             return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-        greedy = decode(sample_completions(*args, 1, self.hparams.max_new_tokens, 0.0, eos, pad))
+        limit, stop = self.hparams.max_new_tokens, self._stop
+        greedy = decode(sample_completions(*args, 1, limit, 0.0, eos, pad, stop=stop))
         sampled: list[list[str]] = [[] for _ in greedy]
         if samples > 0:
             temp = self.hparams.eval_temperature if temperature is None else temperature
-            out = decode(
-                sample_completions(*args, samples, self.hparams.max_new_tokens, temp, eos, pad, self._generator())
-            )
+            out = decode(sample_completions(*args, samples, limit, temp, eos, pad, self._generator(), stop=stop))
             sampled = [out[i * samples : (i + 1) * samples] for i in range(len(greedy))]
         self.model.train(was_training)
         return greedy, sampled
@@ -895,13 +975,15 @@ __all__ = [
     "INSTRUCTION",
     "PLAIN_TEMPLATE",
     "DRGReasoner",
+    "answer_diversity",
+    "answer_stop",
     "build_prompts",
     "clipped_token_loss",
     "collate",
     "combine_rewards",
-    "completion_log_probs",
     "generation_metrics",
     "group_advantages",
+    "group_log_probs",
     "k3_kl",
     "prompt_parts",
     "reward_table",

@@ -40,6 +40,8 @@ _FORMAT = re.compile(
     r"^\s*<\s*think\s*>(?P<think>.*?)<\s*/\s*think\s*>\s*<\s*answer\s*>(?P<answer>.*?)<\s*/\s*answer\s*>\s*$",
     re.IGNORECASE | re.DOTALL,
 )
+# The end of the answer: generation stops here (``answer_closed``).
+_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
 # "DRG 291", "drg #291", "MS-DRG 291", or a bare leading number "291: ..."
 _CODE = re.compile(r"^\s*(?:ms[-\s]?)?(?:drg)?\s*#?\s*(\d{1,4})\b", re.IGNORECASE)
 _DRG_WORD = re.compile(r"^\s*(?:ms[-\s]?)?drg\b\s*[:#-]?\s*", re.IGNORECASE)
@@ -113,6 +115,11 @@ def parse_answer(text: str, version: str = "v43") -> ParsedAnswer:
     if mapped.ok and mapped.drg in table:
         return ParsedAnswer(mapped.drg, "ok", whole is not None, think)
     return ParsedAnswer(None, "invalid_drg", whole is not None, think)
+
+
+def answer_closed(text: str) -> bool:
+    """True once ``text`` contains a closing ``</answer>`` tag (any case and spacing the parser accepts)."""
+    return _CLOSE.search(text) is not None
 
 
 def _think_text(text: str) -> str:
@@ -274,6 +281,7 @@ __all__ = [
     "REWARD_FUNCTIONS",
     "STATUSES",
     "ParsedAnswer",
+    "answer_closed",
     "completion_text",
     "exact_drg_reward",
     "format_answer",
