@@ -54,7 +54,12 @@ def reasoner_args(variant: str, rest: list[str]) -> list[str]:
 
 
 def plot_reward_curve(metrics_csv: str | Path, out_png: str | Path, window: int = 5) -> Path | None:
-    """Mean reward per GRPO step (and a moving average) from a run's ``metrics.csv``, saved as a PNG."""
+    """A GRPO run at a glance, from its ``metrics.csv``, saved as a PNG.
+
+    Left: the mean reward per step, its moving average and the exact/format reward means. Right: what shows mode
+    collapse or reward hacking before the reward does: per-token entropy, distinct answers per prompt / G and the
+    KL to the SFT policy (moving averages).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,20 +69,32 @@ def plot_reward_curve(metrics_csv: str | Path, out_png: str | Path, window: int 
     frame = pd.read_csv(metrics_csv)
     if "train/reward" not in frame:
         return None
-    frame = frame.dropna(subset=["train/reward"])
-    steps, reward = frame["step"].to_numpy() + 1, frame["train/reward"].to_numpy()
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(steps, reward, "o", ms=3, alpha=0.45, label="mean reward of the step")
-    if len(reward) >= window:
-        smooth = pd.Series(reward).rolling(window, min_periods=1).mean()
-        ax.plot(steps, smooth, "-", lw=2, label=f"moving average ({window} steps)")
+    frame = frame.dropna(subset=["train/reward"]).reset_index(drop=True)
+    steps = frame["step"].to_numpy() + 1
+
+    def smooth(column: str):
+        return frame[column].rolling(window, min_periods=1).mean()
+
+    fig, (ax, mon) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+    ax.plot(steps, frame["train/reward"], "o", ms=3, alpha=0.45, label="mean reward of the step")
+    ax.plot(steps, smooth("train/reward"), "-", lw=2, label=f"moving average ({window} steps)")
     for column, name in (("train/rewards/exact", "exact DRG"), ("train/rewards/format", "format")):
         if column in frame:
-            ax.plot(steps, frame[column].rolling(window, min_periods=1).mean(), "--", lw=1, label=name)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("reward")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+            ax.plot(steps, smooth(column), "--", lw=1, label=name)
+    ax.set_title("reward", fontsize=9)
+    monitors = (
+        ("train/entropy", "entropy (nats/token)"),
+        ("train/group_distinct", "distinct answers / G"),
+        ("train/kl", "KL to SFT policy"),
+    )
+    for column, name in monitors:
+        if column in frame and frame[column].notna().any():
+            mon.plot(steps, smooth(column), lw=1.5, label=name)
+    mon.set_title(f"collapse monitors (moving average, {window} steps)", fontsize=9)
+    for axis in (ax, mon):
+        axis.set_xlabel("GRPO step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)
@@ -138,7 +155,7 @@ def main(argv: list[str], variant: str) -> dict:
             plot_reward_curve(run_dir / "metrics.csv", run_dir / "reward_curve.png")
         cells = " ".join(
             f"{k}={metrics[k]:.3f}"
-            for k in ("top1", "format_valid", "invalid_drg", "base_acc", "severity_acc")
+            for k in ("top1", "format_valid", "invalid_drg", "base_acc", "severity_acc", "reward_greedy")
             if k in metrics and not math.isnan(metrics[k])
         )
         print(f"\n{variant} test (greedy, n={int(metrics['n'])}): {cells}\nrun directory: {run_dir}")

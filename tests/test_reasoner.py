@@ -16,6 +16,7 @@ from drg_llama.evaluate import evaluate_run
 from drg_llama.models.backbone import BackboneConfig, build_causal_lm_backbone
 from drg_llama.models.reasoner import (
     DRGReasoner,
+    answer_diversity,
     answer_stop,
     build_prompts,
     clipped_token_loss,
@@ -273,7 +274,9 @@ def test_train_reasoner_writes_every_artifact(runs, variant):
     assert marker["stage"] == variant and marker["run_type"] == "reasoner"
     test = json.loads((run_dir / "test_metrics.json").read_text())
     keys = {"top1", "top5", "macro_f1_present", "macro_auc", "base_acc", "severity_acc", "format_valid", "invalid_drg"}
-    assert keys | {"pass1_sampled", "maj_at_k", "pass_at_k"} <= set(test["metrics"])
+    assert keys | {"pass1_sampled", "maj_at_k", "pass_at_k", "reward_greedy", "reward_sampled"} <= set(test["metrics"])
+    # the tiny config's rewards are format/exact/invalid (weights 1): the held-out reward lies in [-1, 2]
+    assert -1.0 <= test["metrics"]["reward_greedy"] <= 2.0
     assert test["metrics"]["top1"] == test["metrics"]["pass1_greedy"] and test["metrics"]["n"] == 8
     assert set(results) == {f"{variant} (last)"}
     metrics = pd.read_csv(run_dir / "metrics.csv")
@@ -284,7 +287,8 @@ def test_train_reasoner_writes_every_artifact(runs, variant):
         assert marker["rationale_counts"].get("grounded", 0) > 0  # grounded targets were built from the codes
     else:
         logged = {"reward", "reward_std", "frac_reward_zero_std", "completion_length", "truncated_fraction"}
-        logged |= {"clip_ratio", "kl", "rewards/format", "rewards/exact", "rewards/invalid"}
+        logged |= {"clip_ratio", "kl", "rewards/format", "rewards/exact", "rewards/invalid", "entropy"}
+        logged |= {"distinct_answers", "group_distinct"}
         assert {f"train/{k}" for k in logged} <= set(metrics.columns)
         assert metrics["train/reward"].notna().sum() == 2
         assert marker["init_adapter"].endswith("version_0")
@@ -314,6 +318,13 @@ def test_evaluate_and_predict_reasoner_runs(runs, tmp_path):
     )
     with_reasoning = predict_file(run_dir, notes, tmp_path / "pred2.parquet", with_reasoning=True)
     assert "reasoning" in with_reasoning.columns
+
+
+def test_answer_diversity_shows_mode_collapse():
+    varied = answer_diversity([291, 292, 871, None, 193, 194, 195, 196], group_size=4)
+    assert varied == {"distinct_answers": 4.0, "group_distinct": 1.0}  # 8 distinct answers for 2 prompts
+    collapsed = answer_diversity([871] * 8, group_size=4)
+    assert collapsed == {"distinct_answers": 0.5, "group_distinct": 0.25}
 
 
 # ----------------------------------------------------------------------------------------------------------------

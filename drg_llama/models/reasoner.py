@@ -801,6 +801,15 @@ class DRGReasoner(L.LightningModule):
         with self.model.disable_adapter():  # base (+ merged SFT adapter) = the reference policy
             return group_log_probs(self.model, *args)
 
+    def score(
+        self, texts: list[str], gold: list[int], ids: list[list[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run's rewards of completions: per function ``[N, F]`` and weighted ``[N]`` (training and evaluation)."""
+        ids = ids if ids is not None else self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        columns = {"drg_code": gold, "drg_version": [self.version] * len(gold)}
+        per_fn = reward_table(self.rewards, [None] * len(texts), texts, ids, columns)
+        return per_fn, combine_rewards(per_fn, torch.tensor(self.hparams.reward_weights, dtype=torch.float32))
+
     def grpo_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One GRPO step on a batch of prompts: sample, score, advantages, clipped loss, optimizer step(s)."""
         hp = self.hparams
@@ -822,11 +831,7 @@ class DRGReasoner(L.LightningModule):
         comp_ids, comp_mask = sample["completion_ids"], sample["completion_mask"]  # [B*G, C]
         ids_list = [row[m.bool()].tolist() for row, m in zip(comp_ids, comp_mask)]
         texts = self.tokenizer.batch_decode(ids_list, skip_special_tokens=True)
-        gold = batch["drg_code"].repeat_interleave(g).tolist()
-        columns = {"drg_code": gold, "drg_version": [self.version] * len(gold)}
-        per_fn = reward_table(self.rewards, [None] * len(texts), texts, ids_list, columns)  # [B*G, F]
-        weights = torch.tensor(hp.reward_weights, dtype=torch.float32)
-        rewards = combine_rewards(per_fn, weights)  # [B*G]
+        per_fn, rewards = self.score(texts, batch["drg_code"].repeat_interleave(g).tolist(), ids_list)
         advantages, zero_std = group_advantages(rewards, g, hp.scale_rewards)
         advantages = advantages.to(self.device)
 
@@ -868,7 +873,7 @@ class DRGReasoner(L.LightningModule):
                 )
                 self.manual_backward(terms["loss"])
                 for key in ("loss", "tokens", "clipped", "kl_sum"):
-                    totals[key] += float(terms[key])
+                    totals[key] += float(terms[key].detach())
                 totals["logp_sum"] += float((logps.detach() * comp_mask[c]).sum())
             if hp.max_grad_norm > 0:
                 self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
@@ -945,8 +950,14 @@ class DRGReasoner(L.LightningModule):
         sampled = [[parse_answer(t, self.version) for t in r["sampled"]] for r in rows] if rows[0]["sampled"] else None
         gold = [r["gold"] for r in rows]
         metrics = generation_metrics(self.label_space, greedy, gold, sampled)
+        # The training reward on held-out notes: whether what GRPO optimised carries over beyond its prompts.
+        metrics["reward_greedy"] = float(torch.nanmean(self.score([r["greedy"] for r in rows], gold)[1]))
+        if sampled is not None:
+            k = len(rows[0]["sampled"])
+            texts = [t for r in rows for t in r["sampled"]]
+            metrics["reward_sampled"] = float(torch.nanmean(self.score(texts, [g for g in gold for _ in range(k)])[1]))
         self.last_eval = {"metrics": metrics, "rows": rows, "greedy": greedy, "sampled": sampled}
-        for key in ("top1", "format_valid", "invalid_drg", "base_acc", "severity_acc", "pass_at_k", "maj_at_k"):
+        for key in ("top1", "format_valid", "invalid_drg", "base_acc", "severity_acc", "pass_at_k", "reward_greedy"):
             if key in metrics:
                 self.log(f"test/{key}", metrics[key], sync_dist=True)
 
