@@ -125,5 +125,8 @@ def test_majority_vote_and_scores():
     assert scores["answer_base_acc"] == 0.75  # row 1 has the right family; row 3 is invalid
     assert scores["pass_at_k"] == 0.75 and scores["pass1_sampled"] == pytest.approx(0.375)
     assert scores["maj_at_k"] == 0.0  # 292 was voted first, then 291: a tie goes to 292
+    assert scores["top_answer_share"] == 0.25  # four different answers (no answer is one of them)
+    collapsed = score_answers([greedy[0]] * 3 + [greedy[3]], [291, 292, 193, 291])
+    assert collapsed["top_answer_share"] == 0.75 and collapsed["pass1_greedy"] == 0.25
     with pytest.raises(ValueError):
         score_answers(greedy, [291])

@@ -240,7 +240,9 @@ def score_answers(
     Returns:
         ``pass1_greedy``, ``format_valid``, ``invalid_drg``, ``no_answer`` (fractions), ``answer_base_acc``,
         ``answer_severity_acc``, ``answer_mdc_acc`` (on the greedy answer, over all rows; an invalid answer is
-        wrong), and with samples ``pass1_sampled`` (mean over samples), ``maj_at_k``, ``pass_at_k``, ``k``.
+        wrong), ``top_answer_share`` (the share of rows given the most common greedy answer, no answer included:
+        near 1.0 means the model answers from the prior, not from the note), and with samples ``pass1_sampled``
+        (mean over samples), ``maj_at_k``, ``pass_at_k``, ``k``.
     """
     table = get_table(version)
     n = len(gold)
@@ -265,6 +267,7 @@ def score_answers(
         "answer_mdc_acc": fraction(
             p.drg is not None and table[p.drg].mdc == table[g].mdc for p, g in zip(greedy, gold)
         ),
+        "top_answer_share": max(Counter(p.drg for p in greedy).values()) / n,
     }
     if sampled is not None:
         if len(sampled) != n or any(len(s) == 0 for s in sampled):
