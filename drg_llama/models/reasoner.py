@@ -957,8 +957,16 @@ class DRGReasoner(L.LightningModule):
             texts = [t for r in rows for t in r["sampled"]]
             metrics["reward_sampled"] = float(torch.nanmean(self.score(texts, [g for g in gold for _ in range(k)])[1]))
         self.last_eval = {"metrics": metrics, "rows": rows, "greedy": greedy, "sampled": sampled}
-        shown = ("top1", "format_valid", "invalid_drg", "base_acc", "severity_acc", "pass_at_k", "reward_greedy")
-        for key in (*shown, "top_answer_share"):
+        for key in (
+            "top1",
+            "format_valid",
+            "invalid_drg",
+            "base_acc",
+            "severity_acc",
+            "pass_at_k",
+            "reward_greedy",
+            "top_answer_share",
+        ):
             if key in metrics:
                 self.log(f"test/{key}", metrics[key], sync_dist=True)
 
