@@ -26,7 +26,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from drg_llama.data.datamodule import DRGDataModule
-from drg_llama.models.reasoner import DRGReasoner
+from drg_llama.models.reasoner import SUMMARY_METRICS, DRGReasoner
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 STAGES = ("sft", "grpo")
@@ -154,9 +154,7 @@ def main(argv: list[str], variant: str) -> dict:
         if variant == "grpo" and (run_dir / "metrics.csv").exists():
             plot_reward_curve(run_dir / "metrics.csv", run_dir / "reward_curve.png")
         cells = " ".join(
-            f"{k}={metrics[k]:.3f}"
-            for k in ("top1", "format_valid", "invalid_drg", "base_acc", "severity_acc", "reward_greedy")
-            if k in metrics and not math.isnan(metrics[k])
+            f"{k}={metrics[k]:.3f}" for k in SUMMARY_METRICS if k in metrics and not math.isnan(metrics[k])
         )
         print(f"\n{variant} test (greedy, n={int(metrics['n'])}): {cells}\nrun directory: {run_dir}")
     return {f"{variant} (last)": metrics}

@@ -87,6 +87,17 @@ INSTRUCTION = (
 PLAIN_TEMPLATE = "### Instruction\n{instruction}\n\n### Hospital course\n{note}\n\n### Response\n"
 _NOTE = "\x00NOTE\x00"  # placeholder the template is rendered around; never appears in a note
 SCALE_REWARDS = ("group", "batch", "none")
+#: The test metrics logged to metrics.csv and printed at the end of a run (metrics.json holds them all).
+SUMMARY_METRICS = (
+    "top1",
+    "format_valid",
+    "invalid_drg",
+    "base_acc",
+    "severity_acc",
+    "pass_at_k",
+    "reward_greedy",
+    "top_answer_share",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -957,16 +968,7 @@ class DRGReasoner(L.LightningModule):
             texts = [t for r in rows for t in r["sampled"]]
             metrics["reward_sampled"] = float(torch.nanmean(self.score(texts, [g for g in gold for _ in range(k)])[1]))
         self.last_eval = {"metrics": metrics, "rows": rows, "greedy": greedy, "sampled": sampled}
-        for key in (
-            "top1",
-            "format_valid",
-            "invalid_drg",
-            "base_acc",
-            "severity_acc",
-            "pass_at_k",
-            "reward_greedy",
-            "top_answer_share",
-        ):
+        for key in SUMMARY_METRICS:
             if key in metrics:
                 self.log(f"test/{key}", metrics[key], sync_dist=True)
 
@@ -994,6 +996,7 @@ class DRGReasoner(L.LightningModule):
 __all__ = [
     "INSTRUCTION",
     "PLAIN_TEMPLATE",
+    "SUMMARY_METRICS",
     "DRGReasoner",
     "answer_diversity",
     "answer_stop",
