@@ -10,7 +10,9 @@ later ``--config`` files and dotted overrides win (LightningCLI). The data modul
 ``DRGDataModule`` (its prepared folder, row limits and label space); the reasoner reads the texts itself.
 
 Each run writes to ``runs/<variant>/version_N/``: ``config.yaml``, ``metrics.csv`` (GRPO: reward, reward_std,
-frac_reward_zero_std, per-reward means, completion length, truncated fraction, clip ratio, KL), ``checkpoints/``
+frac_reward_zero_std, per-reward means, completion length, truncated fraction, clip ratio, KL; every validation
+check: ``val/<VAL_METRICS>`` of greedy answers on the same validation notes, and for GRPO a check before the first
+step), ``checkpoints/``
 (trainable tensors only), ``adapter/`` (LoRA, safetensors), ``label_space.json``, ``reasoner.json`` (run type,
 stage, version, the SFT adapter it started from, rationale counts), ``test_metrics.json`` (the classifier's layout)
 and, for GRPO, ``reward_curve.png``.
@@ -56,9 +58,10 @@ def reasoner_args(variant: str, rest: list[str]) -> list[str]:
 def plot_reward_curve(metrics_csv: str | Path, out_png: str | Path, window: int = 5) -> Path | None:
     """A GRPO run at a glance, from its ``metrics.csv``, saved as a PNG.
 
-    Left: the mean reward per step, its moving average and the exact/format reward means. Right: what shows mode
-    collapse or reward hacking before the reward does: per-token entropy, distinct answers per prompt / G and the
-    KL to the SFT policy (moving averages).
+    Left: the mean reward per step, its moving average, the exact/format reward means and, when the run validated,
+    the held-out reward (greedy answers on the same validation notes at each check; step 0 = before GRPO). Right:
+    what shows mode collapse or reward hacking before the reward does: per-token entropy, distinct answers per
+    prompt / G and the KL to the SFT policy (moving averages).
     """
     import matplotlib
 
@@ -66,10 +69,10 @@ def plot_reward_curve(metrics_csv: str | Path, out_png: str | Path, window: int 
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    frame = pd.read_csv(metrics_csv)
-    if "train/reward" not in frame:
+    logged = pd.read_csv(metrics_csv)
+    if "train/reward" not in logged:
         return None
-    frame = frame.dropna(subset=["train/reward"]).reset_index(drop=True)
+    frame = logged.dropna(subset=["train/reward"]).reset_index(drop=True)
     steps = frame["step"].to_numpy() + 1
 
     def smooth(column: str):
@@ -81,6 +84,18 @@ def plot_reward_curve(metrics_csv: str | Path, out_png: str | Path, window: int 
     for column, name in (("train/rewards/exact", "exact DRG"), ("train/rewards/format", "format")):
         if column in frame:
             ax.plot(steps, smooth(column), "--", lw=1, label=name)
+    if "val/reward_greedy" in logged:
+        # Greedy answers on the same validation notes after 0 (the SFT policy), n, 2n… optimizer steps.
+        held_out = logged.dropna(subset=["val/reward_greedy"])
+        ax.plot(
+            held_out["val/optimizer_steps"],
+            held_out["val/reward_greedy"],
+            "s-",
+            color="black",
+            ms=4,
+            lw=1.5,
+            label="held-out reward (greedy, fixed validation notes)",
+        )
     ax.set_title("reward", fontsize=9)
     monitors = (
         ("train/entropy", "entropy (nats/token)"),
@@ -125,6 +140,9 @@ def main(argv: list[str], variant: str) -> dict:
     model.attach_data(data)
     ckpt_path = cli.config.get("ckpt_path")
     # The reasoner serves its own loaders (prompts from the texts); the data module only supplies folder and limits.
+    if variant == "grpo" and trainer.limit_val_batches and not ckpt_path:
+        # Step 0 of the held-out curve: the SFT policy on the validation notes, before any GRPO update.
+        trainer.validate(model, verbose=False)
     trainer.fit(model, ckpt_path=ckpt_path)
     trainer.test(model, verbose=False)
     metrics = model.last_eval["metrics"]

@@ -15,6 +15,7 @@ from drg_llama.data.datamodule import DRGDataModule
 from drg_llama.evaluate import evaluate_run
 from drg_llama.models.backbone import BackboneConfig, build_causal_lm_backbone
 from drg_llama.models.reasoner import (
+    VAL_METRICS,
     DRGReasoner,
     answer_diversity,
     answer_stop,
@@ -284,6 +285,7 @@ def test_train_reasoner_writes_every_artifact(runs, variant):
     assert state and all("lora_" in k for k in state)  # trainable tensors only
     if variant == "sft":
         assert metrics["train/loss"].notna().sum() == 2 and metrics["val/loss"].notna().any()
+        assert {f"val/{k}" for k in VAL_METRICS} <= set(metrics.columns)
         assert marker["rationale_counts"].get("grounded", 0) > 0  # grounded targets were built from the codes
     else:
         logged = {"reward", "reward_std", "frac_reward_zero_std", "completion_length", "truncated_fraction"}
@@ -291,6 +293,9 @@ def test_train_reasoner_writes_every_artifact(runs, variant):
         logged |= {"distinct_answers", "group_distinct"}
         assert {f"train/{k}" for k in logged} <= set(metrics.columns)
         assert metrics["train/reward"].notna().sum() == 2
+        # the held-out curve: the SFT policy before any update (a validate before fit), then every 2 steps
+        assert metrics["val/optimizer_steps"].dropna().tolist() == [0.0, 2.0]
+        assert metrics["val/reward_greedy"].notna().sum() == 2
         assert marker["init_adapter"].endswith("version_0")
         assert (run_dir / "reward_curve.png").stat().st_size > 1000
 

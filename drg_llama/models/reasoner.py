@@ -98,6 +98,8 @@ SUMMARY_METRICS = (
     "reward_greedy",
     "top_answer_share",
 )
+#: The greedy metrics of each validation check (the same fixed notes every time), logged as ``val/<key>``.
+VAL_METRICS = ("reward_greedy", "top1", "base_acc", "severity_acc", "mdc_acc", "invalid_drg", "top_answer_share")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -797,6 +799,18 @@ class DRGReasoner(L.LightningModule):
         # Teacher-forced loss of the gold target: cheap, and shows whether GRPO drifts from the SFT behaviour.
         if "labels" in batch:
             self.log("val/loss", self.sft_loss(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # Greedy answers on the same fixed notes at every check: the held-out reward curve. GRPO's training reward
+        # is measured on new prompts each step, so it moves with which notes were drawn as much as with the policy.
+        self._collect(batch, samples=0)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._summarise()
+        if metrics is None:
+            return
+        for key in VAL_METRICS:
+            self.log(f"val/{key}", metrics[key], prog_bar=key == "reward_greedy", sync_dist=True)
+        # The logger's step column is one behind during fit and 0 for a validate before fit: plot against this.
+        self.log("val/optimizer_steps", float(self.global_step), sync_dist=True)
 
     # ----------------------------------------------------------------------------------------------------------
     # GRPO
@@ -943,16 +957,18 @@ class DRGReasoner(L.LightningModule):
         self.model.train(was_training)
         return greedy, sampled
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        greedy, sampled = self.generate(batch["prompt_ids"], batch["prompt_mask"], self.hparams.eval_samples)
+    def _collect(self, batch: dict[str, torch.Tensor], samples: int) -> None:
+        """Generate for an evaluation batch and keep gold + completions (in memory only) for ``_summarise``."""
+        greedy, sampled = self.generate(batch["prompt_ids"], batch["prompt_mask"], samples)
         for i, row in enumerate(batch["row"].tolist()):
             self._eval.append(
                 {"row": row, "gold": int(batch["drg_code"][i]), "greedy": greedy[i], "sampled": sampled[i]}
             )
 
-    def on_test_epoch_end(self) -> None:
+    def _summarise(self) -> dict[str, float] | None:
+        """Metrics of the collected completions (``generation_metrics`` + held-out rewards); sets ``last_eval``."""
         if not self._eval:
-            return
+            return None
         rows = sorted(self._eval, key=lambda r: r["row"])
         self._eval = []
         _, first = np.unique([r["row"] for r in rows], return_index=True)  # DDP padding repeats rows
@@ -968,6 +984,15 @@ class DRGReasoner(L.LightningModule):
             texts = [t for r in rows for t in r["sampled"]]
             metrics["reward_sampled"] = float(torch.nanmean(self.score(texts, [g for g in gold for _ in range(k)])[1]))
         self.last_eval = {"metrics": metrics, "rows": rows, "greedy": greedy, "sampled": sampled}
+        return metrics
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._collect(batch, self.hparams.eval_samples)
+
+    def on_test_epoch_end(self) -> None:
+        metrics = self._summarise()
+        if metrics is None:
+            return
         for key in SUMMARY_METRICS:
             if key in metrics:
                 self.log(f"test/{key}", metrics[key], sync_dist=True)
@@ -997,6 +1022,7 @@ __all__ = [
     "INSTRUCTION",
     "PLAIN_TEMPLATE",
     "SUMMARY_METRICS",
+    "VAL_METRICS",
     "DRGReasoner",
     "answer_diversity",
     "answer_stop",
