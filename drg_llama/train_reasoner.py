@@ -139,10 +139,10 @@ def main(argv: list[str], variant: str) -> dict:
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     model.attach_data(data)
     ckpt_path = cli.config.get("ckpt_path")
-    # The reasoner serves its own loaders (prompts from the texts); the data module only supplies folder and limits.
     if variant == "grpo" and trainer.limit_val_batches and not ckpt_path:
         # Step 0 of the held-out curve: the SFT policy on the validation notes, before any GRPO update.
         trainer.validate(model, verbose=False)
+    # The reasoner serves its own loaders (prompts from the texts); the data module only supplies folder and limits.
     trainer.fit(model, ckpt_path=ckpt_path)
     trainer.test(model, verbose=False)
     metrics = model.last_eval["metrics"]
