@@ -11,8 +11,8 @@ later ``--config`` files and dotted overrides win (LightningCLI). The data modul
 
 Each run writes to ``runs/<variant>/version_N/``: ``config.yaml``, ``metrics.csv`` (GRPO: reward, reward_std,
 frac_reward_zero_std, per-reward means, completion length, truncated fraction, clip ratio, KL; every validation
-check: ``val/<VAL_METRICS>`` of greedy answers on the same validation notes, and for GRPO a check before the first
-step), ``checkpoints/``
+check: ``val/<VAL_METRICS>`` of greedy answers on the same validation notes, ``val/reward_sampled`` with
+``val_samples``, and for GRPO a check before the first step), ``checkpoints/``
 (trainable tensors only), ``adapter/`` (LoRA, safetensors), ``label_space.json``, ``reasoner.json`` (run type,
 stage, version, the SFT adapter it started from, rationale counts), ``test_metrics.json`` (the classifier's layout)
 and, for GRPO, ``reward_curve.png``.
@@ -59,7 +59,8 @@ def plot_reward_curve(metrics_csv: str | Path, out_png: str | Path, window: int 
     """A GRPO run at a glance, from its ``metrics.csv``, saved as a PNG.
 
     Left: the mean reward per step, its moving average, the exact/format reward means and, when the run validated,
-    the held-out reward (greedy answers on the same validation notes at each check; step 0 = before GRPO). Right:
+    the held-out reward on the same validation notes at each check (step 0 = before GRPO): of greedy answers and,
+    with ``val_samples``, of answers sampled at the training temperature with the same seed each check. Right:
     what shows mode collapse or reward hacking before the reward does: per-token entropy, distinct answers per
     prompt / G and the KL to the SFT policy (moving averages).
     """
@@ -84,18 +85,15 @@ def plot_reward_curve(metrics_csv: str | Path, out_png: str | Path, window: int 
     for column, name in (("train/rewards/exact", "exact DRG"), ("train/rewards/format", "format")):
         if column in frame:
             ax.plot(steps, smooth(column), "--", lw=1, label=name)
-    if "val/reward_greedy" in logged:
-        # Greedy answers on the same validation notes after 0 (the SFT policy), n, 2n… optimizer steps.
-        held_out = logged.dropna(subset=["val/reward_greedy"])
-        ax.plot(
-            held_out["val/optimizer_steps"],
-            held_out["val/reward_greedy"],
-            "s-",
-            color="black",
-            ms=4,
-            lw=1.5,
-            label="held-out reward (greedy, fixed validation notes)",
-        )
+    # Held-out curves: the same validation notes after 0 (the SFT policy), n, 2n… optimizer steps.
+    held_out_curves = (
+        ("val/reward_greedy", "s-", "held-out reward, greedy"),
+        ("val/reward_sampled", "s--", "held-out reward, sampled as in training"),
+    )
+    for column, style, name in held_out_curves:
+        if column in logged and logged[column].notna().any():
+            held_out = logged.dropna(subset=[column])
+            ax.plot(held_out["val/optimizer_steps"], held_out[column], style, color="black", ms=4, lw=1.5, label=name)
     ax.set_title("reward", fontsize=9)
     monitors = (
         ("train/entropy", "entropy (nats/token)"),

@@ -257,7 +257,10 @@ def runs(cache, tmp_path_factory):
         sft = main(["--variant", "sft", "--config", TINY_CONFIG])
         sft_dir = workdir / "runs" / "sft" / "version_0"
         grpo = main(
-            ["--variant", "grpo", "--config", TINY_CONFIG, "--model.init_adapter", str(sft_dir), "--model.beta", "0.1"]
+            [
+                *("--variant", "grpo", "--config", TINY_CONFIG, "--model.init_adapter", str(sft_dir)),
+                *("--model.beta", "0.1", "--model.val_samples", "2"),
+            ]
         )
     finally:
         os.chdir(cwd)
@@ -285,7 +288,8 @@ def test_train_reasoner_writes_every_artifact(runs, variant):
     assert state and all("lora_" in k for k in state)  # trainable tensors only
     if variant == "sft":
         assert metrics["train/loss"].notna().sum() == 2 and metrics["val/loss"].notna().any()
-        assert {f"val/{k}" for k in VAL_METRICS} <= set(metrics.columns)
+        greedy_only = {f"val/{k}" for k in VAL_METRICS if k != "reward_sampled"}
+        assert greedy_only <= set(metrics.columns) and "val/reward_sampled" not in metrics  # val_samples: 0
         assert marker["rationale_counts"].get("grounded", 0) > 0  # grounded targets were built from the codes
     else:
         logged = {"reward", "reward_std", "frac_reward_zero_std", "completion_length", "truncated_fraction"}
@@ -295,9 +299,35 @@ def test_train_reasoner_writes_every_artifact(runs, variant):
         assert metrics["train/reward"].notna().sum() == 2
         # the held-out curve: the SFT policy before any update (a validate before fit), then every 2 steps
         assert metrics["val/optimizer_steps"].dropna().tolist() == [0.0, 2.0]
-        assert metrics["val/reward_greedy"].notna().sum() == 2
+        assert metrics["val/reward_greedy"].notna().sum() == 2 and metrics["val/reward_sampled"].notna().sum() == 2
         assert marker["init_adapter"].endswith("version_0")
         assert (run_dir / "reward_curve.png").stat().st_size > 1000
+
+
+def test_validation_samples_repeat_the_same_draws_at_every_check(cache):
+    # val/reward_sampled compares checks: with an unchanged policy, every check must sample the very same answers.
+    L.seed_everything(0)
+    data = DRGDataModule(variant="single_label", tokenizer=None, synthetic_n=300, limit_val=4)
+    model = DRGReasoner(
+        backbone=tiny_backbone(lora_dropout=0.0),
+        label_space=data.label_space,
+        stage="grpo",
+        instruction="Give the DRG.",
+        max_note_tokens=32,
+        max_new_tokens=8,
+        val_samples=3,
+    )
+    model.attach_data(data)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    draws = []
+    for _ in range(2):
+        trainer.validate(model, verbose=False)
+        draws.append([row["sampled"] for row in model.last_eval["rows"]])
+        batch = next(iter(model.val_dataloader()))
+        model.generate(batch["prompt_ids"], batch["prompt_mask"], samples=3)  # the training sampler's RNG moves
+    assert len(draws[0]) == 4 and all(len(s) == 3 for s in draws[0])
+    assert draws[0] == draws[1]
+    assert len({text for row in draws[0] for text in row}) > 1  # really sampled, not greedy
 
 
 def test_evaluate_and_predict_reasoner_runs(runs, tmp_path):

@@ -99,7 +99,7 @@ SUMMARY_METRICS = (
     "top_answer_share",
 )
 #: The greedy metrics of each validation check (the same fixed notes every time), logged as ``val/<key>``.
-VAL_METRICS = ("reward_greedy", "top1", "base_acc", "severity_acc", "mdc_acc", "invalid_drg", "top_answer_share")
+VAL_METRICS = ("reward_greedy", "reward_sampled", "top1", "base_acc", "severity_acc", "mdc_acc", "invalid_drg", "top_answer_share")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -580,6 +580,9 @@ class DRGReasoner(L.LightningModule):
             one prompt x G); token counts normalise across micro-batches.
         eval_samples: k sampled answers per evaluation prompt for Pass@1 (sampled), Maj@k, Pass@k; 0 greedy only.
         eval_temperature: Temperature of those samples.
+        val_samples: Completions sampled per validation note at the training ``temperature`` with the same seed at
+            every check, for ``val/reward_sampled``: the expected reward GRPO maximises, on fixed held-out notes
+            (0: greedy only).
         drg_version: MS-DRG version of answers (default: the label space's).
         seed: Seed of the training shuffle and of sampling.
     """
@@ -615,6 +618,7 @@ class DRGReasoner(L.LightningModule):
         micro_batch_size: int = 8,
         eval_samples: int = 0,
         eval_temperature: float = 0.7,
+        val_samples: int = 0,
         drg_version: str | None = None,
         seed: int = 0,
     ):
@@ -801,13 +805,18 @@ class DRGReasoner(L.LightningModule):
             self.log("val/loss", self.sft_loss(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
         # Greedy answers on the same fixed notes at every check: the held-out reward curve. GRPO's training reward
         # is measured on new prompts each step, so it moves with which notes were drawn as much as with the policy.
-        self._collect(batch, samples=0)
+        # Samples (val_samples) use the training temperature and a generator re-seeded at every check: the same
+        # random draws each time, so a change between checks is the policy's, not the dice's.
+        if batch_idx == 0:
+            self._val_rng = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 2_000)
+        hp = self.hparams
+        self._collect(batch, hp.val_samples, temperature=hp.temperature, generator=self._val_rng)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._summarise()
         if metrics is None:
             return
-        for key in VAL_METRICS:
+        for key in (k for k in VAL_METRICS if k in metrics):
             self.log(f"val/{key}", metrics[key], prog_bar=key == "reward_greedy", sync_dist=True)
         # The logger's step column is one behind during fit and 0 for a validate before fit: plot against this.
         self.log("val/optimizer_steps", float(self.global_step), sync_dist=True)
@@ -935,7 +944,12 @@ class DRGReasoner(L.LightningModule):
 
     @torch.no_grad()
     def generate(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samples: int = 0, temperature: float | None = None
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        samples: int = 0,
+        temperature: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[list[str], list[list[str]]]:
         """Greedy completion per prompt, and ``samples`` sampled ones (shared prefill), as text."""
         was_training = self.model.training
@@ -952,14 +966,15 @@ class DRGReasoner(L.LightningModule):
         sampled: list[list[str]] = [[] for _ in greedy]
         if samples > 0:
             temp = self.hparams.eval_temperature if temperature is None else temperature
-            out = decode(sample_completions(*args, samples, limit, temp, eos, pad, self._generator(), stop=stop))
+            rng = generator if generator is not None else self._generator()
+            out = decode(sample_completions(*args, samples, limit, temp, eos, pad, rng, stop=stop))
             sampled = [out[i * samples : (i + 1) * samples] for i in range(len(greedy))]
         self.model.train(was_training)
         return greedy, sampled
 
-    def _collect(self, batch: dict[str, torch.Tensor], samples: int) -> None:
+    def _collect(self, batch: dict[str, torch.Tensor], samples: int, **sampling: Any) -> None:
         """Generate for an evaluation batch and keep gold + completions (in memory only) for ``_summarise``."""
-        greedy, sampled = self.generate(batch["prompt_ids"], batch["prompt_mask"], samples)
+        greedy, sampled = self.generate(batch["prompt_ids"], batch["prompt_mask"], samples, **sampling)
         for i, row in enumerate(batch["row"].tolist()):
             self._eval.append(
                 {"row": row, "gold": int(batch["drg_code"][i]), "greedy": greedy[i], "sampled": sampled[i]}
