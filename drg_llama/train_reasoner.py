@@ -87,13 +87,14 @@ def plot_reward_curve(metrics_csv: str | Path, out_png: str | Path, window: int 
             ax.plot(steps, smooth(column), "--", lw=1, label=name)
     # Held-out curves: the same validation notes after 0 (the SFT policy), n, 2n… optimizer steps.
     held_out_curves = (
-        ("val/reward_greedy", "s-", "held-out reward, greedy"),
-        ("val/reward_sampled", "s--", "held-out reward, sampled as in training"),
+        ("val/reward_greedy", "s-", "black", "held-out reward, greedy"),
+        ("val/reward_sampled", "o--", "white", "held-out reward, sampled as in training"),
     )
-    for column, style, name in held_out_curves:
+    for column, style, face, name in held_out_curves:
         if column in logged and logged[column].notna().any():
             held_out = logged.dropna(subset=[column])
-            ax.plot(held_out["val/optimizer_steps"], held_out[column], style, color="black", ms=4, lw=1.5, label=name)
+            x, y = held_out["val/optimizer_steps"], held_out[column]
+            ax.plot(x, y, style, color="black", mfc=face, ms=5, lw=1.5, label=name)
     ax.set_title("reward", fontsize=9)
     monitors = (
         ("train/entropy", "entropy (nats/token)"),
