@@ -215,7 +215,8 @@ def _length_reward(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-def test_one_grpo_step_changes_lora_and_not_base_weights(cache):
+def tiny_grpo_reasoner(**settings) -> DRGReasoner:
+    """A GRPO-stage reasoner on the tiny random LLaMA with a one-line instruction, attached to 8/4 synthetic rows."""
     L.seed_everything(0)
     data = DRGDataModule(variant="single_label", tokenizer=None, synthetic_n=300, limit_train=8, limit_val=4)
     model = DRGReasoner(
@@ -224,6 +225,14 @@ def test_one_grpo_step_changes_lora_and_not_base_weights(cache):
         stage="grpo",
         instruction="Give the DRG.",
         max_note_tokens=32,
+        **settings,
+    )
+    model.attach_data(data)
+    return model
+
+
+def test_one_grpo_step_changes_lora_and_not_base_weights(cache):
+    model = tiny_grpo_reasoner(
         batch_size=4,
         num_generations=4,
         max_new_tokens=6,
@@ -232,7 +241,6 @@ def test_one_grpo_step_changes_lora_and_not_base_weights(cache):
         reward_funcs=["format"],
     )
     model.rewards = [_length_reward]
-    model.attach_data(data)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = L.Trainer(
         max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
@@ -306,18 +314,7 @@ def test_train_reasoner_writes_every_artifact(runs, variant):
 
 def test_validation_samples_repeat_the_same_draws_at_every_check(cache):
     # val/reward_sampled compares checks: with an unchanged policy, every check must sample the very same answers.
-    L.seed_everything(0)
-    data = DRGDataModule(variant="single_label", tokenizer=None, synthetic_n=300, limit_val=4)
-    model = DRGReasoner(
-        backbone=tiny_backbone(lora_dropout=0.0),
-        label_space=data.label_space,
-        stage="grpo",
-        instruction="Give the DRG.",
-        max_note_tokens=32,
-        max_new_tokens=8,
-        val_samples=3,
-    )
-    model.attach_data(data)
+    model = tiny_grpo_reasoner(max_new_tokens=8, val_samples=3)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     draws = []
     for _ in range(2):
