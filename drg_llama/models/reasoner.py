@@ -98,8 +98,18 @@ SUMMARY_METRICS = (
     "reward_greedy",
     "top_answer_share",
 )
-#: The greedy metrics of each validation check (the same fixed notes every time), logged as ``val/<key>``.
-VAL_METRICS = ("reward_greedy", "reward_sampled", "top1", "base_acc", "severity_acc", "mdc_acc", "invalid_drg", "top_answer_share")
+#: The metrics of each validation check (the same fixed notes every time), logged as ``val/<key>``: of greedy
+#: answers, and ``reward_sampled`` only with ``val_samples``.
+VAL_METRICS = (
+    "reward_greedy",
+    "reward_sampled",
+    "top1",
+    "base_acc",
+    "severity_acc",
+    "mdc_acc",
+    "invalid_drg",
+    "top_answer_share",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -807,9 +817,9 @@ class DRGReasoner(L.LightningModule):
         # is measured on new prompts each step, so it moves with which notes were drawn as much as with the policy.
         # Samples (val_samples) use the training temperature and a generator re-seeded at every check: the same
         # random draws each time, so a change between checks is the policy's, not the dice's.
-        if batch_idx == 0:
-            self._val_rng = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 2_000)
         hp = self.hparams
+        if batch_idx == 0:
+            self._val_rng = torch.Generator(device=self.device).manual_seed(hp.seed + 2_000)
         self._collect(batch, hp.val_samples, temperature=hp.temperature, generator=self._val_rng)
 
     def on_validation_epoch_end(self) -> None:
