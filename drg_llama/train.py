@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)
 
     run_dir = Path(trainer.log_dir)  # a collective under DDP: every rank must ask
+    # A collective under FSDP (each rank holds a shard of every tensor): all ranks gather, rank 0 writes.
+    whole_weights = trainer.strategy.lightning_module_state_dict()
     results = {f"{variant} (best on val)": model.last_eval["metrics"]}
     if trainer.is_global_zero:
         (run_dir / "label_space.json").write_text(json.dumps(model.label_space.to_dict()))
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
                 indent=2,
             )
         )
-        model.save_adapter(str(run_dir / "adapter"))
+        model.save_adapter(str(run_dir / "adapter"), whole_weights)
         if cli.config.get("run_baseline", True):
             from drg_llama.baseline import run_baseline
 
