@@ -11,7 +11,10 @@ it, bf16 on CUDA, SDPA, in eval mode. Each draws ``group`` completions for each 
 reference gets ``min_new_tokens``), at temperature 1 with no top-k/top-p, which is what GRPO samples from.
 
 * **ours**: ``drg_llama.models.reasoner.sample_completions``: each prompt is prefilled once and its KV cache
-  repeated G times; eos is tracked on the device and the host looks every ``CHECK_EVERY`` tokens.
+  repeated G times; eos is tracked on the device and the host looks every ``CHECK_EVERY`` tokens; on CUDA the
+  decode steps run over a preallocated cache as one CUDA graph each (``StaticDecoder``).
+* **ours, dynamic cache**: the same with ``kv_cache="dynamic"`` (transformers' growing cache, eager steps), to
+  show what the graph is worth.
 * **reference**: ``model.generate(num_return_sequences=G, do_sample=True)``, what a user writes (and what TRL's
   GRPOTrainer calls without vLLM): the prompts are repeated G times before a prefill of every copy.
 
@@ -87,8 +90,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mask = torch.ones_like(prompts)
     n, g, new = args.prompts * args.group, args.group, args.new_tokens
 
-    def ours() -> torch.Tensor:
-        out = sample_completions(model, prompts, mask, g, new, 1.0, eos_token_id=-1, pad_token_id=0, generator=gen)
+    def ours(kv_cache: str = "auto") -> torch.Tensor:
+        out = sample_completions(
+            model, prompts, mask, g, new, 1.0, eos_token_id=-1, pad_token_id=0, generator=gen, kv_cache=kv_cache
+        )
         return out["completion_ids"]
 
     def reference() -> torch.Tensor:
@@ -120,7 +125,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "decode_floor_completions_per_s": n / floor_s if device.type == "cuda" else float("nan"),
         "sides": {},
     }
-    for name, fn in (("ours", ours), ("reference", reference)):
+    sides = (("ours", ours), ("ours_dynamic_cache", lambda: ours("dynamic")), ("reference", reference))
+    for name, fn in sides:
         try:
             seconds, times, out = _timed(fn, device, args.repeats)
             if tuple(out.shape) != (n, new):
@@ -136,14 +142,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as err:  # noqa: BLE001 - report and go on to the other side
             side = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
         report["sides"][name] = side
-        print(f"{name:>9}: {json.dumps(side, default=str)}")
+        print(f"{name:>18}: {json.dumps(side, default=str)}")
         _free(device)
-    ours_rate = report["sides"]["ours"].get("completions_per_s", float("nan"))
-    ref_rate = report["sides"]["reference"].get("completions_per_s", float("nan"))
-    report["ratio"] = ours_rate / ref_rate
+    rate = {name: side.get("completions_per_s", float("nan")) for name, side in report["sides"].items()}
+    report["ratio"] = rate["ours"] / rate["reference"]
+    report["ratio_dynamic_cache"] = rate["ours_dynamic_cache"] / rate["reference"]
     print(
         f"{args.shape}, {args.prompts} prompts x G={g}, {args.prompt_tokens}-token prompts, {new} new tokens: "
-        f"ours {ours_rate:.2f} completions/s, reference {ref_rate:.2f}, ratio {report['ratio']:.2f}"
+        f"ours {rate['ours']:.2f} completions/s (dynamic cache {rate['ours_dynamic_cache']:.2f}), reference "
+        f"{rate['reference']:.2f}; ratio {report['ratio']:.2f} ({report['ratio_dynamic_cache']:.2f})"
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ goes on. ``--qlora`` adds a 4-bit NF4 LLaMA-2-7B training scenario (our packed s
 message without bitsandbytes; ``--qlora-only`` runs just that, in a fresh process, so its peak memory is its own
 (on a CPU it runs the ``tiny-qlora`` shape through bitsandbytes' CPU fallback).
 
-Presets: ``check`` (LLaMA-2-7B shape, fixed512 + fixed1024 + var2048, 128 training / 256 evaluation notes, our
+Presets: ``check`` (LLaMA-2-7B shape, fixed512 + fixed1024 + var2048, 96 training / 192 evaluation notes, our
 packed batching on var2048: about 3 minutes on one H200, what ``benchmarks/gpu_check.sh`` runs) and ``full`` (both
 7B shapes, every scenario, both batchings, QLoRA: about half an hour). Explicit flags override a preset.
 
@@ -117,8 +117,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "check": {
         "shape": "llama2-7b",
         "scenarios": "fixed512,fixed1024,var2048",
-        "train_samples": 128,
-        "eval_samples": 256,
+        "train_samples": 96,
+        "eval_samples": 192,
         "ours_batching": "packed",
         "qlora": False,
     },
@@ -259,7 +259,9 @@ def _our_loader(data, batching: str, batch_size: int, pack_tokens: int, train: b
     return loader, computed, len(sampler.batches())
 
 
-def run_ours(args, shape: str, lengths: np.ndarray, batching: str, ckpt: bool, device: torch.device) -> list[Result]:
+def run_ours(
+    args, shape: str, lengths: np.ndarray, batching: str, ckpt: bool, device: torch.device, attn: str = "sdpa"
+) -> list[Result]:
     """Train (fit: epoch 0 warms, epoch 1 timed) then evaluate (validate twice, second timed) our classifier."""
     import lightning as L
 
@@ -272,7 +274,7 @@ def run_ours(args, shape: str, lengths: np.ndarray, batching: str, ckpt: bool, d
         random_init=dict(cfg),
         tokenizer="byte",
         dtype=args.dtype,
-        attn_implementation=args.ours_attn,
+        attn_implementation=attn,
         gradient_checkpointing=ckpt,
         lora_r=LORA["r"],
         lora_alpha=LORA["lora_alpha"],
@@ -304,7 +306,8 @@ def run_ours(args, shape: str, lengths: np.ndarray, batching: str, ckpt: bool, d
         callbacks=[timer.callback],
     )
     results = []
-    train = Result("ours", batching, samples=len(train_data), steps=train_steps, computed_tokens=train_computed)
+    label = batching if attn == "sdpa" else f"{batching}+{attn.removesuffix('_attention')}"
+    train = Result("ours", label, samples=len(train_data), steps=train_steps, computed_tokens=train_computed)
     train.real_tokens = int(train_data.lengths.sum())
     train.flops = model_flops(cfg, train_data.lengths, train=True)
     try:
@@ -314,7 +317,7 @@ def run_ours(args, shape: str, lengths: np.ndarray, batching: str, ckpt: bool, d
         train.error = _describe(err)
     results.append(train)
 
-    evaluation = Result("ours", batching, samples=len(eval_data), steps=eval_steps, computed_tokens=eval_computed)
+    evaluation = Result("ours", label, samples=len(eval_data), steps=eval_steps, computed_tokens=eval_computed)
     evaluation.real_tokens = int(eval_data.lengths.sum())
     evaluation.flops = model_flops(cfg, eval_data.lengths, train=False)
     evaluation.extra["phase"] = "eval"
@@ -598,8 +601,10 @@ def run(args) -> dict[str, Any]:
             # Equal lengths leave nothing to pack: fixed scenarios run our bucketed (= padded) path only.
             batchings = ["bucketed"] if kind == "fixed" else args.ours_batching.split(",")
             results = []
-            for batching in batchings:
-                results += run_ours(args, shape, lengths, batching, ckpt, device)
+            # flex_attention's BlockMask only pays on packed rows; padded batches always use sdpa.
+            variants = [(b, a) for b in batchings for a in args.ours_attn.split(",") if a == "sdpa" or b == "packed"]
+            for batching, attn in variants:
+                results += run_ours(args, shape, lengths, batching, ckpt, device, attn)
                 _free(device)
             results += run_reference(args, shape, lengths, ckpt, device)
             _free(device)
@@ -706,7 +711,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-samples", type=int, default=None, help="notes per timed training pass (256)")
     parser.add_argument("--eval-samples", type=int, default=None, help="notes per timed evaluation pass (512)")
     parser.add_argument("--ours-batching", default=None, help="our batchings for varN scenarios (packed,bucketed)")
-    parser.add_argument("--ours-attn", default="sdpa", help="our attention: sdpa (4-D block mask) or flex_attention")
+    parser.add_argument(
+        "--ours-attn", default="sdpa", help="our attention on packed rows: sdpa (4-D mask), flex_attention, or both"
+    )
     parser.add_argument("--grad-ckpt", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--ckpt-tokens", type=int, default=8192, help="auto: checkpoint above this many batch tokens")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (H100/H200: 790)")

@@ -188,7 +188,7 @@ def _tiny_classifier(**backbone_overrides):
     from drg_llama.drg import LabelSpace
     from drg_llama.models.classifier import DRGClassifier
 
-    cfg = BackboneConfig(random_init=dict(TINY["llama"]), lora_r=4, lora_alpha=8, **backbone_overrides)
+    cfg = BackboneConfig(**{"random_init": dict(TINY["llama"]), "lora_r": 4, "lora_alpha": 8, **backbone_overrides})
     return DRGClassifier(backbone=cfg, label_space=LabelSpace.build("v43", "single_label", [291, 292, 293]))
 
 
@@ -312,3 +312,34 @@ def test_smollm2_gguf_converts_once_and_reloads_with_the_same_logits(tmp_path):
     assert len(clf.get_base_model().model.layers) == 2
     out = pooled_logits(clf, ids, torch.ones_like(ids))
     assert out.shape == (1, 7) and torch.isfinite(out).all()
+
+
+def test_full_fine_tuning_in_bf16_is_refused():
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="without fp32 master copies"):
+        trainer.fit(_tiny_classifier(dtype="bf16", lora_r=0), train_dataloaders=_loader())
+
+
+def test_checkpoint_check_accepts_a_state_dict_the_strategy_already_loaded():
+    """Lightning's FSDP strategy pops the checkpoint's state_dict and loads it before on_load_checkpoint: the first
+    GPU run died there with KeyError 'state_dict'."""
+    model = _tiny_classifier()
+    model.on_load_checkpoint({"epoch": 0, "global_step": 3})  # no state_dict left: nothing to check
+    with pytest.raises(RuntimeError, match="checkpoint lacks"):
+        model.on_load_checkpoint({"state_dict": {}})
+
+
+def test_grpo_from_an_sft_adapter_keeps_the_base_in_bf16_and_lora_in_fp32(tmp_path):
+    from drg_llama.models.reasoner import DRGReasoner
+
+    sft, _ = build_causal_lm_backbone(BackboneConfig(random_init=dict(TINY["llama"]), lora_r=4, lora_alpha=8))
+    sft.save_pretrained(tmp_path / "adapter")
+    cfg = BackboneConfig(random_init=dict(TINY["llama"]), lora_r=4, lora_alpha=8, dtype="bf16")
+    for mode in ("merge", "continue"):
+        torch.manual_seed(0)  # the same random base as the SFT run
+        model, _ = DRGReasoner._build_model(cfg, str(tmp_path), mode)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.dim() == 2}
+        trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+        assert frozen == {torch.bfloat16} and trainable == {torch.float32}, (mode, frozen, trainable)

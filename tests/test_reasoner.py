@@ -552,3 +552,29 @@ def test_advantages_logprobs_and_loss_gradient_match_trl(tmp_path):
     assert trl_grads and any(g.abs().max() > 0 for g in trl_grads.values())
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, trl_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_cache_decoding_equals_the_dynamic_cache(arch):
+    """The preallocated cache and 4-D mask (what a CUDA graph replays on a GPU) sample what the dynamic cache does."""
+    torch.manual_seed(0)
+    model, tok = build_causal_lm_backbone(
+        tiny_backbone(lora_dropout=0.0)
+        if arch == "llama"
+        else BackboneConfig(
+            random_init={**TINY, "model_type": "qwen2"}, tokenizer="byte", lora_r=4, lora_alpha=8, lora_dropout=0.0
+        )
+    )
+    model.eval()
+    ids, mask = left_pad([list(b"note one, longer<"), list(b"two<")], tok.pad_token_id)  # left padding: masked keys
+
+    def sample(kv_cache: str, temperature: float) -> dict[str, torch.Tensor]:
+        rng = torch.Generator().manual_seed(5)
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        return sample_completions(model, ids, mask, 3, 10, temperature, eos, pad, rng, kv_cache=kv_cache)
+
+    for temperature in (0.0, 1.0):
+        dynamic, static = sample("dynamic", temperature), sample("static", temperature)
+        assert torch.equal(dynamic["completion_ids"], static["completion_ids"]), temperature
+        assert torch.equal(dynamic["completion_mask"], static["completion_mask"])
+    assert torch.equal(sample("auto", 1.0)["completion_ids"], dynamic["completion_ids"])  # auto on a CPU: dynamic

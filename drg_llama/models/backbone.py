@@ -472,8 +472,7 @@ def _adapt(cfg: BackboneConfig, model: nn.Module, task_type: str, modules_to_sav
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     if cfg.lora_r == 0:
-        keep_trainable_fp32(model)  # full fine-tuning: the whole model is trainable, so it is stored in fp32
-        return model
+        return model  # trains every weight in ``dtype`` (check_training_setup refuses 16-bit weights for that)
 
     from peft import LoraConfig, get_peft_model
 
@@ -517,6 +516,12 @@ def check_training_setup(trainer, module: nn.Module, cfg: BackboneConfig, stage:
     """
     if stage != "fit":
         return
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters() if p.requires_grad} - {"float32"})
+    if low:
+        raise ValueError(
+            f"trainable weights stored in {low} would be updated without fp32 master copies; for full fine-tuning "
+            "(lora_r 0) set model.backbone.dtype fp32 and train with trainer.precision bf16-mixed."
+        )
     precision = str(getattr(trainer, "precision", ""))
     if precision in LOW_PRECISION_TRAINING and any(p.requires_grad for p in module.parameters()):
         raise ValueError(
@@ -693,7 +698,13 @@ def keep_trainable_tensors(module: nn.Module, checkpoint: dict[str, Any]) -> Non
 
 
 def check_trainable_tensors(module: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Fail clearly when a checkpoint lacks trainable tensors of ``module``. Call from ``on_load_checkpoint``."""
+    """Fail clearly when a checkpoint lacks trainable tensors of ``module``. Call from ``on_load_checkpoint``.
+
+    Lightning's FSDP strategy loads (and removes) the checkpoint's ``state_dict`` itself before this hook runs; then
+    there is nothing left to check here (found on the first GPU run: a KeyError).
+    """
+    if "state_dict" not in checkpoint:
+        return
     trainable = trainable_tensor_names(module)
     missing = trainable - set(checkpoint["state_dict"])
     if missing:

@@ -42,6 +42,7 @@ against ``trl.GRPOTrainer`` in ``tests/test_reasoner.py``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -64,6 +65,7 @@ from drg_llama.models.backbone import (
     build_causal_lm_backbone,
     check_trainable_tensors,
     check_training_setup,
+    keep_trainable_fp32,
     keep_trainable_tensors,
 )
 from drg_llama.models.rewards import (
@@ -232,6 +234,7 @@ def sample_completions(
     generator: torch.Generator | None = None,
     stop: AnswerStop | None = None,
     check_every: int = CHECK_EVERY,
+    kv_cache: KVCacheMode = "auto",
 ) -> dict[str, torch.Tensor]:
     """Sample ``num_samples`` completions per prompt, prefilling each prompt once.
 
@@ -259,6 +262,9 @@ def sample_completions(
         stop: Optional ``AnswerStop``: rows end at the token that closes ``</answer>`` (nothing after it is read, so
             sampling it only costs time and drifts).
         check_every: Tokens between host checks (>= 1).
+        kv_cache: ``dynamic`` (transformers' growing cache), ``static`` (``StaticDecoder``: preallocated cache and
+            mask), ``graph`` (static, each decode step replayed as one CUDA graph), or ``auto``: ``graph`` on a CUDA
+            device, else ``dynamic``. A static setup or graph capture that fails falls back with a warning.
 
     Returns:
         ``completion_ids`` [B*G, C], ``completion_mask`` [B*G, C] (1 up to and including eos or the stop),
@@ -277,6 +283,9 @@ def sample_completions(
     logits = out.logits[:, -1].float().repeat_interleave(g, dim=0)  # [B*G, V]
     first_logits = logits.clone()
     n, p, device = logits.shape[0], prompt_mask.shape[1], logits.device
+    decoder = StaticDecoder.build(model, cache, prompt_mask.repeat_interleave(g, dim=0), max_new_tokens, kv_cache)
+    if decoder is not None:
+        out = cache = None  # the prompt's keys/values now live in the decoder's preallocated cache
     not_ended = max_new_tokens + 1
     mask = torch.ones((n, p + max_new_tokens), dtype=prompt_mask.dtype, device=device)  # [B*G, P+C], preallocated
     mask[:, :p] = prompt_mask.repeat_interleave(g, dim=0)
@@ -313,6 +322,9 @@ def sample_completions(
             if not bool((ended == not_ended).any()) or length == max_new_tokens:
                 break
         last = last + 1
+        if decoder is not None:
+            logits = decoder.step(nxt, last, p + length - 1)
+            continue
         out = model(
             input_ids=nxt[:, None],
             attention_mask=mask[:, : p + length],
@@ -332,6 +344,100 @@ def sample_completions(
         "truncated": truncated,
         "first_logits": first_logits,
     }
+
+
+KVCacheMode = Literal["auto", "dynamic", "static", "graph"]
+#: Eager decode steps before a CUDA graph is captured (libraries allocate their workspaces on first use).
+GRAPH_WARMUP_STEPS = 2
+
+
+class StaticDecoder:
+    """One decode step at a time over a preallocated KV cache and mask, optionally replayed as a CUDA graph.
+
+    transformers' dynamic cache grows by concatenation and its 2-D mask is turned into a 4-D mask on every step;
+    a 7B model's decode step then costs tens of kernel launches per layer issued from Python, several times the
+    ~3.5 ms an H200 needs to read the weights once. Here the cache (``StaticCache``), the additive 4-D mask
+    ``[N, 1, 1, P+C]`` and the input buffers have fixed addresses, so after ``GRAPH_WARMUP_STEPS`` eager steps the
+    whole forward is captured once and each later token is one ``graph.replay()``. Sampling stays outside the
+    graph. A graph lives for one ``sample_completions`` call, so weights updated between GRPO steps are read fresh.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache, prompt_mask: torch.Tensor, max_new_tokens: int, graph: bool):
+        from transformers import StaticCache
+
+        layers = cache.layers
+        dtype, device = layers[0].keys.dtype, layers[0].keys.device
+        n, p = prompt_mask.shape
+        self.cache = StaticCache(config=model.config, max_cache_len=p + max_new_tokens)
+        for i, layer in enumerate(layers):
+            self.cache.update(layer.keys, layer.values, i)  # the prompt's keys/values at positions [0, P)
+        self.mask = torch.full((n, 1, 1, p + max_new_tokens), torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.mask[:, 0, 0, :p].masked_fill_(prompt_mask.bool(), 0.0)  # [N, 1, 1, P+C], 0 where a key is visible
+        self.ids = torch.zeros((n, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((n, 1), dtype=torch.long, device=device)
+        self.model, self.use_graph, self.steps = model, graph, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_logits: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, model, cache, prompt_mask, max_new_tokens: int, mode: str) -> StaticDecoder | None:
+        """The decoder ``mode`` asks for on this device (None: keep the dynamic cache)."""
+        on_cuda = prompt_mask.device.type == "cuda"
+        if mode == "dynamic" or (mode == "auto" and not on_cuda):
+            return None
+        try:
+            return cls(model, cache, prompt_mask, max_new_tokens, graph=mode != "static" and on_cuda)
+        except Exception as err:  # noqa: BLE001 - an unusual cache layout: the dynamic cache still works
+            logger.warning(
+                "static KV cache unavailable (%s: %s); decoding with the dynamic cache", type(err).__name__, err
+            )
+            return None
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(
+            input_ids=self.ids,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1].float()  # [N, V]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, column: int) -> torch.Tensor:
+        """Logits ``[N, V]`` after feeding ``tokens`` [N] at ``positions`` [N], written to cache slot ``column``.
+
+        The returned tensor is overwritten by the next step when a graph is in use.
+        """
+        self.ids.copy_(tokens[:, None])
+        self.positions.copy_(positions[:, None])
+        self.mask[:, 0, 0, column] = 0.0  # the new token sees itself; later slots stay masked
+        self.steps += 1
+        # Autocast's cast cache would hand the graph copies made during capture: no caching while decoding.
+        autocast = contextlib.nullcontext()
+        if torch.is_autocast_enabled(self.ids.device.type):
+            autocast = torch.autocast(self.ids.device.type, torch.get_autocast_dtype(self.ids.device.type), True, False)
+        with autocast:
+            if not self.use_graph:
+                return self._forward()
+            if self.graph is None:
+                if self.steps <= GRAPH_WARMUP_STEPS:
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        logits = self._forward()
+                    torch.cuda.current_stream().wait_stream(side)
+                    return logits
+                try:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        self.graph_logits = self._forward()  # recorded, not run: the cache does not move here
+                    self.graph = graph
+                except Exception as err:  # noqa: BLE001 - a kernel that cannot be captured: stay eager
+                    logger.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(err).__name__, err)
+                    self.use_graph = False
+                    return self._forward()
+            self.graph.replay()
+            return self.graph_logits
 
 
 class AnswerStop:
@@ -801,7 +907,9 @@ class DRGReasoner(L.LightningModule):
             )
         base, tokenizer = build_causal_lm_backbone(replace(cfg, lora_r=0))
         if mode == "continue":
-            return PeftModel.from_pretrained(base, str(folder), is_trainable=True), tokenizer
+            model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
+            keep_trainable_fp32(model)
+            return model, tokenizer
         if cfg.quantization is not None:
             raise ValueError("a quantized base cannot absorb a merged adapter; use init_adapter_mode: continue")
         merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
@@ -814,7 +922,9 @@ class DRGReasoner(L.LightningModule):
             lora_dropout=cfg.lora_dropout,
             target_modules=list(cfg.lora_target_modules),
         )
-        return get_peft_model(merged, lora), tokenizer
+        model = get_peft_model(merged, lora)
+        keep_trainable_fp32(model)
+        return model, tokenizer
 
     def attach_data(self, data) -> None:
         """Use ``data`` (a ``DRGDataModule``) for its prepared folder, row limits and seed; texts are read here."""
@@ -1150,6 +1260,7 @@ __all__ = [
     "answer_diversity",
     "AnswerStop",
     "NonFiniteLogitsError",
+    "StaticDecoder",
     "answer_stop",
     "returns_kv_cache",
     "build_prompts",
