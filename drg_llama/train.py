@@ -108,19 +108,16 @@ def _resolve_last(cli: DRGLightningCLI) -> str | None:
     return str(candidates[-1])
 
 
-def _keep_metrics_history(trainer, ckpt_path: str) -> None:
-    """Carry a resumed run's earlier metrics.csv rows (up to the checkpoint's step) into the reopened logger.
+def _keep_metrics_history(trainer, step: int) -> None:
+    """Carry a resumed run's earlier metrics.csv rows (before the checkpoint's ``step``) into the reopened logger.
 
     Lightning's CSV writer deletes an existing metrics.csv when it opens the run directory again.
     """
     import csv
 
-    import torch
-
     metrics_file = Path(trainer.logger.log_dir) / "metrics.csv"
     if not trainer.is_global_zero or not metrics_file.exists():
         return
-    step = torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"]
     with metrics_file.open(newline="") as fh:
         rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
     writer = trainer.logger.experiment  # opening it deletes the file; the rows are already read
@@ -176,12 +173,12 @@ def _train_classifier(variant: str, args: list[str]) -> dict:
     data.set_tokenizer(model.tokenizer)
     ckpt_path = _resolve_last(cli)
     if ckpt_path is not None:
-        read_checkpoint(ckpt_path)  # a missing, truncated or foreign file: one line now, not a traceback later
+        checkpoint = read_checkpoint(ckpt_path)  # a missing, truncated or foreign file: one line, not a traceback
         # Resuming continues the same run directory rather than opening a new version.
         run_folder = Path(ckpt_path).parent.parent.name
         if run_folder.startswith("version_") and run_folder.removeprefix("version_").isdigit():
             trainer.logger._version = int(run_folder.removeprefix("version_"))  # CSVLogger names the folder from it
-            _keep_metrics_history(trainer, ckpt_path)
+            _keep_metrics_history(trainer, checkpoint["global_step"])
 
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     callback = trainer.checkpoint_callback

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 import torch
 
-from drg_llama.analysis import apply_temperature
 from drg_llama.drg import LabelSpace
 from drg_llama.export import EXPORT_FILE, export_run, main
 from drg_llama.predict import predict_file
@@ -41,7 +40,9 @@ def test_exported_folder_loads_in_plain_transformers_with_predicts_probabilities
         batch = tokenizer(TEXTS, padding=True, truncation=True, return_tensors="pt")
         logits = model(**batch).logits.numpy()
     # The README's recipe: the label space turns outputs into a distribution over DRGs, then the temperature.
-    probs = apply_temperature(np.exp(space.drg_log_probs(logits)), sidecar["temperature"])
+    scores = space.drg_log_probs(logits) / sidecar["temperature"]
+    probs = np.exp(scores - scores.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
     notes = tmp_path / "notes.csv"
     pd.DataFrame({"id": range(len(TEXTS)), "text": TEXTS}).to_csv(notes, index=False)
     predicted = predict_file(run_dir, notes, tmp_path / "pred.csv", top_k=3)
