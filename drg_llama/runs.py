@@ -161,11 +161,14 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def _backbone_dict(backbone: dict[str, Any] | None) -> dict[str, Any]:
+def _backbone_dict(backbone: dict[str, Any] | None, source: Path) -> dict[str, Any]:
     """A backbone configuration in one normal form (YAML lists and checkpoint tuples compare equal)."""
     from drg_llama.models.backbone import BackboneConfig
 
-    return asdict(BackboneConfig(**(backbone or {})))
+    try:
+        return asdict(BackboneConfig(**(backbone or {})))
+    except (TypeError, ValueError) as err:
+        raise RunError(f"{source} describes no base model drg-llama can build ({err}); restore it") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,11 +214,10 @@ class Run:
         if record.get("recipe") not in RECIPES:
             raise RunError(f"{folder / RUN_FILE} names no recipe ({' or '.join(RECIPES)}); restore it from training")
         space_path = folder / LABEL_SPACE_FILE
+        space = read_json(space_path)
         try:
-            label_space = LabelSpace.from_dict(read_json(space_path))
+            label_space = LabelSpace.from_dict(space)
         except (KeyError, TypeError, ValueError) as err:
-            if isinstance(err, RunError):
-                raise
             raise RunError(f"{space_path} is not a label space ({err}); restore it from the training run") from None
         return cls(folder, config, record, label_space)
 
@@ -235,7 +237,7 @@ class Run:
     @property
     def backbone(self) -> dict[str, Any]:
         """The base model configuration (``model.backbone`` of config.yaml), in normal form."""
-        return _backbone_dict(self.config["model"].get("backbone"))
+        return _backbone_dict(self.config["model"].get("backbone"), self.folder / CONFIG_FILE)
 
     def train_codes(self) -> np.ndarray | None:
         """DRG code of every training row the model saw (from the recorded counts); None for older run folders."""
@@ -293,11 +295,7 @@ class Run:
                 f"checkpoint {path} was trained for other classes than {self.folder / LABEL_SPACE_FILE}; "
                 "it belongs to another run"
             )
-        try:
-            same_base = _backbone_dict(hparams.get("backbone")) == self.backbone
-        except (TypeError, ValueError):
-            same_base = False
-        if not same_base:
+        if _backbone_dict(hparams.get("backbone"), path) != self.backbone:
             raise RunError(
                 f"checkpoint {path} was trained on another base model than {self.folder / CONFIG_FILE} names "
                 f"({self.backbone['name_or_path']}); it belongs to another run"
@@ -430,6 +428,20 @@ def _record_from_older_files(folder: Path) -> dict[str, Any]:
     }
 
 
+def tested_checkpoint(trainer, best: str = "") -> str:
+    """The checkpoint holding the weights training tested: ``best`` (picked on validation) if given, else the last.
+
+    With checkpointing turned off the last weights are saved now, since evaluate and predict need them. Every rank
+    must call this (saving is a collective under DDP).
+    """
+    callback = trainer.checkpoint_callback
+    tested = best or (callback.last_model_path if callback else "")
+    if not tested:
+        tested = str(Path(trainer.log_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT)
+        trainer.save_checkpoint(tested)
+    return tested
+
+
 def record_run(
     folder: str | Path,
     *,
@@ -482,5 +494,6 @@ __all__ = [
     "read_checkpoint",
     "record_run",
     "replacing",
+    "tested_checkpoint",
     "write_json",
 ]

@@ -26,15 +26,7 @@ from drg_llama.data.datamodule import DRGDataModule
 from drg_llama.drg import VARIANTS
 from drg_llama.errors import USER_ERRORS, report_error
 from drg_llama.models.classifier import DRGClassifier
-from drg_llama.runs import (
-    ADAPTER_DIR,
-    CHECKPOINT_DIR,
-    LAST_CHECKPOINT,
-    TEST_METRICS_FILE,
-    read_checkpoint,
-    record_run,
-    write_json,
-)
+from drg_llama.runs import ADAPTER_DIR, TEST_METRICS_FILE, read_checkpoint, record_run, tested_checkpoint, write_json
 
 log = logging.getLogger("drg_llama.train")
 
@@ -181,18 +173,14 @@ def _train_classifier(variant: str, args: list[str]) -> dict:
             _keep_metrics_history(trainer, checkpoint["global_step"])
 
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    callback = trainer.checkpoint_callback
-    best = callback.best_model_path if callback else ""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     # With no validation split (drg_llama_2023) nothing is picked: the last weights are tested, never a test-picked one.
     trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False, weights_only=True)
 
     run_dir = Path(trainer.log_dir)  # a collective under DDP: every rank must ask
     name = f"{variant} (best on val)" if best else f"{variant} (last; no validation)"
     results = {name: model.last_eval["metrics"]}
-    tested = best or (callback.last_model_path if callback else "")
-    if not tested:  # checkpointing turned off: keep the tested weights anyway, evaluate and predict need them
-        tested = str(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT)
-        trainer.save_checkpoint(tested)  # a collective under DDP: every rank calls it
+    tested = tested_checkpoint(trainer, best)  # every rank
     if trainer.is_global_zero:
         run = record_run(
             run_dir,

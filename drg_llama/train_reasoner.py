@@ -31,13 +31,12 @@ from drg_llama.data.datamodule import DRGDataModule
 from drg_llama.models.reasoner import SUMMARY_METRICS, DRGReasoner
 from drg_llama.runs import (
     ADAPTER_DIR,
-    CHECKPOINT_DIR,
     INIT_ADAPTER_DIR,
-    LAST_CHECKPOINT,
     REASONER_FILE,
     TEST_METRICS_FILE,
     read_checkpoint,
     record_run,
+    tested_checkpoint,
     write_json,
 )
 from drg_llama.train import CONFIG_DIR
@@ -163,10 +162,7 @@ def main(argv: list[str], variant: str) -> dict:
     trainer.test(model, verbose=False)
     metrics = model.last_eval["metrics"]
     run_dir = Path(trainer.log_dir)
-    last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
-    if not last:  # checkpointing turned off: keep the tested weights anyway, evaluate and predict need them
-        last = str(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT)
-        trainer.save_checkpoint(last)  # a collective under DDP: every rank calls it
+    last = tested_checkpoint(trainer)  # every rank; reasoner runs test their last weights
     if trainer.is_global_zero:
         marker = {
             "run_type": "reasoner",
