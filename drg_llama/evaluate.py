@@ -96,7 +96,9 @@ def evaluate_run(
     check_options(split, top_k, target_accuracy, base_rate, data_dir)
     run = Run.open(run_dir)
     data = run.data_module(data_dir)
-    _ = data.prepared_dir  # checks the folder (manifest, version, splits) before the model is built
+    # The folder (manifest, version, splits) and the rows to score are checked before the model is built.
+    if split != "all" and not len(data.split_frame(split)):
+        raise RunError(f"{data.prepared_dir / split}.parquet has no rows (drg_llama_2023 has no val); score test")
     model, ckpt = run.load_model(checkpoint)
     if run.recipe == "reasoner":
         if split == "all":

@@ -7,9 +7,11 @@
     python -m drg_llama.train --variant two_label --ckpt_path last    # resume the newest run of this variant
 
 ``--variant`` selects ``configs/<variant>.yaml``; later ``--config`` files and dotted overrides win (LightningCLI).
-Each run writes to ``runs/<variant>/version_N/``: ``config.yaml`` (resolved), ``metrics.csv``, ``checkpoints/``
-(trainable tensors only), ``adapter/`` (LoRA + score head as safetensors), ``label_space.json``,
-``test_metrics.json`` and ``baseline/metrics.json`` (TF-IDF + logistic regression on the same splits).
+``--config configs/NAME.yaml`` finds the shipped config from any folder. Each run writes to
+``runs/<variant>/version_N/`` (the layout is ``drg_llama.runs``'): ``config.yaml`` (resolved), ``run.json``,
+``metrics.csv``, ``checkpoints/`` (trainable tensors only), ``adapter/`` (LoRA + score head as safetensors),
+``label_space.json``, ``test_metrics.json`` and ``baseline/metrics.json`` (TF-IDF + logistic regression on the same
+splits). A bad option or data folder stops with one line; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations

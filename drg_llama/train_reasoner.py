@@ -13,9 +13,10 @@ Each run writes to ``runs/<variant>/version_N/``: ``config.yaml``, ``metrics.csv
 frac_reward_zero_std, per-reward means, completion length, truncated fraction, clip ratio, KL; every validation
 check: ``val/<VAL_METRICS>`` of greedy answers on the same validation notes, ``val/reward_sampled`` with
 ``val_samples``, and for GRPO a check before the first step), ``checkpoints/``
-(trainable tensors only), ``adapter/`` (LoRA, safetensors), ``label_space.json``, ``reasoner.json`` (run type,
-stage, version, the SFT adapter it started from, rationale counts), ``test_metrics.json`` (the classifier's layout)
-and, for GRPO, ``reward_curve.png``.
+(trainable tensors only), ``adapter/`` (LoRA, safetensors), ``label_space.json``, ``run.json``, ``reasoner.json``
+(run type, stage, version, the SFT adapter it started from, rationale counts), ``test_metrics.json`` (the
+classifier's layout) and, for GRPO, ``init_adapter/`` (a copy of that SFT adapter: the run folder stands alone) and
+``reward_curve.png``.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def main(argv: list[str], variant: str) -> dict:
             tested_checkpoint=last,
             selected_on="last",
             data_dir=data.prepared_dir,
-            train_codes=model.split_frame("train")["drg_code"].to_numpy(),
+            train_codes=data.split_frame("train")["drg_code"].to_numpy(),
         )
         report = {
             "split": "test",

@@ -205,6 +205,8 @@ def test_drg_llama_2023_split_trains_without_validation(cache, tmp_path, monkeyp
     report = evaluate_run(run_dir)  # nothing to fit the temperature on: T stays 1, nothing breaks
     assert report["metrics"]["top1"] == pytest.approx(results["two_label (last; no validation)"]["top1"])
     assert report["calibration"]["temperature"] == 1.0 and report["calibration"]["n_fit"] == 0
+    with pytest.raises(UserError, match="val.parquet has no rows"):
+        evaluate_run(run_dir, "val")
 
 
 # ----------------------------------------------------------------------------------------------------------------
