@@ -20,6 +20,8 @@ Choices, and why:
 * **Label space without tokenising.** ``label_space`` is a lazy property: the first access resolves the data folder
   (building the embedded default if needed), checks the manifest's DRG version and reads only the ``drg_code``
   column of the training rows. Classes are the DRGs of the rows trained on (after ``limit_train``).
+* **A trained run's classes.** ``evaluate`` and ``predict`` hand the run's own label space in (``use_label_space``)
+  instead of deriving one from ``train.parquet``: a run scores any prepared folder without its training data.
 * **Unseen DRGs are kept.** Val/test admissions whose DRG is not a class (not seen in training) keep label -1, so they
   count as errors; the count is logged once per split. Dropping them would inflate accuracy.
 * **Tokenise once.** Each split is tokenised with ``datasets`` ``map(batched=True)`` into an Arrow file keyed by
