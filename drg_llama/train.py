@@ -183,6 +183,8 @@ def _train_classifier(variant: str, args: list[str]) -> dict:
     name = f"{variant} (best on val)" if best else f"{variant} (last; no validation)"
     results = {name: model.last_eval["metrics"]}
     tested = tested_checkpoint(trainer, best)  # every rank
+    # A collective under FSDP (each rank holds a shard of every tensor): all ranks gather, rank 0 writes.
+    whole_weights = trainer.strategy.lightning_module_state_dict()
     if trainer.is_global_zero:
         run = record_run(
             run_dir,
@@ -203,7 +205,7 @@ def _train_classifier(variant: str, args: list[str]) -> dict:
                 "metrics": results[name],
             },
         )
-        model.save_adapter(str(run_dir / ADAPTER_DIR))
+        model.save_adapter(str(run_dir / ADAPTER_DIR), whole_weights)
         if cli.config.get("run_baseline", True):
             from drg_llama.baseline import run_baseline
 

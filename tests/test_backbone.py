@@ -17,7 +17,7 @@ from drg_llama.models.backbone import (
     pooled_logits,
     trainable_parameter_count,
 )
-from tests.tiny import TINY_CONFIGS
+from tests.tiny import TINY_CONFIGS, TINY_QLORA
 
 TINY = TINY_CONFIGS
 
@@ -155,14 +155,138 @@ def test_missing_smollm2_package_names_the_install_command(monkeypatch):
         build_classifier_backbone(BackboneConfig(), 3)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
-def test_quantization_on_cpu_is_a_clear_error(tmp_path):
+def save_tiny_pretrained(folder, config: dict | None = None) -> str:
+    """A tiny random model saved as a local pretrained folder (safetensors + byte tokenizer), as a hub download is."""
     torch.manual_seed(0)
-    model, tokenizer = build_classifier_backbone(BackboneConfig(random_init=dict(TINY["llama"]), lora_r=0), 2)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        build_classifier_backbone(BackboneConfig(name_or_path=str(tmp_path), quantization="4bit"), 2)
+    model, tokenizer = build_causal_lm_backbone(BackboneConfig(random_init=dict(config or TINY_QLORA), lora_r=0))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_qlora_trains_on_cpu(tmp_path):
+    """The QLoRA path (4-bit NF4 base, prepare_model_for_kbit_training, LoRA) runs on a CPU: slow, but testable."""
+    import bitsandbytes as bnb
+
+    cfg = BackboneConfig(name_or_path=save_tiny_pretrained(tmp_path), quantization="4bit", dtype="bf16", lora_r=4)
+    model, _ = build_classifier_backbone(cfg, 3)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    ids = torch.randint(3, 250, (4, 10))
+    for _ in range(2):
+        logits = pooled_logits(model, ids, torch.ones_like(ids))
+        torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 2, 0])).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.isfinite(logits).all()
+    assert any("lora_B" in n and not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+def _tiny_classifier(**backbone_overrides):
+    from drg_llama.drg import LabelSpace
+    from drg_llama.models.classifier import DRGClassifier
+
+    cfg = BackboneConfig(random_init=dict(TINY["llama"]), lora_r=4, lora_alpha=8, **backbone_overrides)
+    return DRGClassifier(backbone=cfg, label_space=LabelSpace.build("v43", "single_label", [291, 292, 293]))
+
+
+def _loader(batches: int = 2):
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(batches):
+        ids = torch.randint(3, 250, (4, 12), generator=g)
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "labels": torch.randint(0, 3, (4,), generator=g),
+                "base_labels": torch.full((4,), -1),
+                "severity_mask": torch.ones(4, 3, dtype=torch.bool),
+                "row": torch.arange(4) + 4 * i,
+            }
+        )
+    return torch.utils.data.DataLoader(rows, batch_size=None)
+
+
+def test_bf16_base_keeps_fp32_master_weights_under_bf16_mixed():
+    """The GPU precision policy on a CPU: frozen base stored in bf16, LoRA + head (and AdamW states) in fp32."""
+    import lightning as L
+
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            params = dict(module.named_parameters())
+            seen["base"] = {p.dtype for n, p in params.items() if not p.requires_grad and p.dim() == 2}
+            seen["trainable"] = {n: p.dtype for n, p in params.items() if p.requires_grad}
+            state = trainer.optimizers[0].state
+            seen["adam"] = {s["exp_avg"].dtype for s in state.values()}
+
+    model = _tiny_classifier(dtype="bf16")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Probe()],
+    )
+    trainer.fit(model, train_dataloaders=_loader())
+    assert seen["base"] == {torch.bfloat16}
+    assert any("score" in n for n in seen["trainable"]) and any("lora_A" in n for n in seen["trainable"])
+    assert set(seen["trainable"].values()) == {torch.float32}, seen["trainable"]
+    assert seen["adam"] == {torch.float32}
+
+
+def test_bf16_true_training_is_refused_with_the_fix_in_the_message():
+    """bf16-true would cast the adapters and head to bf16: AdamW in pure bf16, updates rounded away."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", max_steps=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="use trainer.precision bf16-mixed with model.backbone.dtype bf16"):
+        trainer.fit(_tiny_classifier(dtype="bf16"), train_dataloaders=_loader())
+
+
+def test_fsdp_wrapped_names_match_checkpoint_keys(tmp_path):
+    """FSDP1 (use_orig_params) and activation-checkpoint wrappers put prefixes into named_parameters() that the
+    full state dict does not have; the trainable-tensor filter must see through them or it keeps nothing, and
+    trainer.test then fails with "checkpoint lacks N trainable tensors". Real wrappers, on a CPU process group."""
+    import functools
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from drg_llama.models.backbone import check_trainable_tensors, keep_trainable_tensors
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        module = _tiny_classifier()
+        layer = {LlamaDecoderLayer}
+        apply_activation_checkpointing(
+            module, checkpoint_wrapper_fn=checkpoint_wrapper, check_fn=lambda m: type(m) in layer
+        )
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer)
+        wrapped = FSDP(module, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+        names = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+        assert any("_fsdp_wrapped_module." in n and "_checkpoint_wrapped_module." in n for n in names)
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+            checkpoint = {"state_dict": wrapped.state_dict()}
+        keep_trainable_tensors(wrapped, checkpoint)
+        assert len(checkpoint["state_dict"]) == len(names)  # every LoRA matrix and the head, nothing frozen
+        assert all("lora_" in k or "score" in k for k in checkpoint["state_dict"])
+        check_trainable_tensors(wrapped, checkpoint)  # no "checkpoint lacks N trainable tensors"
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow

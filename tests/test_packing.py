@@ -231,3 +231,57 @@ def test_datamodule_packing_gives_the_same_logits_and_loss(tmp_path):
     model.validation_step(val, 0)  # per-note keys only: would fail on [R, T] tensors indexed by a [N] mask
     assert model._eval_outputs[-1]["probs"].shape[0] == val["labels"].shape[0]
     assert "seq_ids" not in next(iter(packed.predict_dataloader()))  # predict stays padded
+
+
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_flex_block_mask_from_tiles_is_exact(block_size):
+    """The BlockMask built from per-tile note ids gives the same attention as the dense 4-D block mask.
+
+    Tiles of 16 make the classification matter: tiles above the diagonal or between different notes are skipped,
+    tiles inside one note below the diagonal run without the mask function, the rest with it.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from drg_llama.models.packing import flex_block_mask
+
+    torch.manual_seed(0)
+    seq_ids = torch.full((2, 70), -1)
+    seq_ids[0, :20], seq_ids[0, 20:50], seq_ids[0, 50:64] = 0, 1, 2
+    seq_ids[1, :40], seq_ids[1, 40:] = 3, 4
+    mask = flex_block_mask(seq_ids, block_size=block_size)
+    if block_size == 16:
+        assert mask.full_kv_num_blocks.sum() > 0  # (tile 1, tile 0) of row 1 lies inside note 3
+        assert mask.kv_num_blocks[0, 0].tolist() == [1, 2, 2, 3, 1]  # row 0: partial tiles per query tile
+    q, k, v = (torch.randn(2, 2, 70, 16) for _ in range(3))
+    with torch.no_grad():
+        out = flex_attention(q, k, v, block_mask=mask)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(seq_ids, q.dtype))
+    real = (seq_ids >= 0)[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_flex_attention_refuses_what_its_kernels_cannot_run():
+    from types import SimpleNamespace
+
+    from drg_llama.models.backbone import check_attention_support
+
+    config = SimpleNamespace(_attn_implementation="flex_attention", hidden_size=32, num_attention_heads=4, head_dim=8)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(ValueError, match="no backward pass on a CPU"):
+        check_attention_support(config, cpu, torch.float32)  # gradients on: training
+    with torch.no_grad():
+        assert check_attention_support(config, cpu, torch.float32) == "flex_attention"  # fp32 inference works
+        with pytest.raises(ValueError, match="fp32 only"):
+            check_attention_support(config, cpu, torch.bfloat16)
+        with pytest.raises(ValueError, match="head size of at least 16 and this model's is 8"):
+            check_attention_support(config, cuda, torch.bfloat16)
+    wide = SimpleNamespace(**{**vars(config), "head_dim": 64})
+    assert check_attention_support(wide, cuda, torch.bfloat16) == "flex_attention"
+    sdpa = SimpleNamespace(_attn_implementation="sdpa")
+    assert check_attention_support(sdpa, cpu, torch.bfloat16) == "sdpa"
+    # what the check stands in for, on a CPU: flex_attention's backward is not implemented
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.randn(1, 1, 16, 16, requires_grad=True)
+    with pytest.raises(Exception):  # noqa: B017 - torch raises NotImplementedError or a compile error by version
+        flex_attention(q, q, q).sum().backward()

@@ -191,15 +191,82 @@ def test_sampling_stops_at_the_closing_answer_tag():
             return type("Out", (), {"logits": logits, "past_key_values": cache})()
 
     stop = answer_stop(tok)
-    out = sample_completions(Scripted(), ids, mask, 2, 16, 1.0, tok.eos_token_id, tok.pad_token_id, stop=stop)
-    assert out["completion_ids"].shape[1] == len(closing)
-    assert tok.decode(out["completion_ids"][0].tolist()) == "</answer>"
-    assert out["completion_mask"].all() and not out["truncated"].any()
+    for check_every in (1, 3, 8):  # the host looks every few tokens; the completion still ends at the tag
+        out = sample_completions(
+            Scripted(), ids, mask, 2, 16, 1.0, tok.eos_token_id, tok.pad_token_id, stop=stop, check_every=check_every
+        )
+        assert out["completion_ids"].shape[1] == len(closing)
+        assert tok.decode(out["completion_ids"][0].tolist()) == "</answer>"
+        assert out["completion_mask"].all() and not out["truncated"].any()
     unstopped = sample_completions(Scripted(), ids, mask, 2, 16, 1.0, tok.eos_token_id, tok.pad_token_id)
     assert unstopped["completion_ids"].shape[1] == 16 and unstopped["truncated"].all()
-    assert stop(torch.tensor([closing, [x] * len(closing)])).tolist() == [True, False]
+    # first_close: the length of the shortest prefix that closes the tag, 0 where none does
+    assert stop.first_close(torch.tensor([closing + [x, x], [x] * (len(closing) + 2)])).tolist() == [len(closing), 0]
     spaced = tok("</ ANSWER >", add_special_tokens=False)["input_ids"]
-    assert stop(torch.tensor([[x] * 5 + spaced])).tolist() == [True]  # as tolerant as the parser
+    assert stop.first_close(torch.tensor([[x] * 5 + spaced])).tolist() == [5 + len(spaced)]  # as tolerant as the parser
+
+
+class _RowScript(torch.nn.Module):
+    """A 'model' whose row r writes script[r] token by token (one-hot logits), whatever it is fed; NaN on request."""
+
+    def __init__(self, scripts: list[list[int]], vocab: int = 300, nan_at: int | None = None):
+        super().__init__()
+        self.scripts, self.vocab, self.nan_at = scripts, vocab, nan_at
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None, **kw):
+        step = 0 if past_key_values is None else past_key_values.step + 1
+        cache = past_key_values or _StepCache()
+        cache.step = step
+        logits = torch.full((input_ids.shape[0], 1, self.vocab), -1e9)
+        for r in range(input_ids.shape[0]):
+            logits[r, 0, self.scripts[r % len(self.scripts)][step]] = 0.0
+        if step == self.nan_at:
+            logits[1, 0, 7] = float("nan")
+        return type("Out", (), {"logits": logits, "past_key_values": cache})()
+
+
+def test_checking_every_few_tokens_gives_the_same_completions_as_every_token():
+    torch.manual_seed(0)
+    model, tok = build_causal_lm_backbone(tiny_backbone(lora_dropout=0.0))
+    model.eval()
+    ids, mask = left_pad([list(b"note one, longer<"), list(b"two<")], tok.pad_token_id)
+
+    def sample(check_every: int, seed: int = 3) -> dict[str, torch.Tensor]:
+        rng = torch.Generator().manual_seed(seed)
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        return sample_completions(model, ids, mask, 4, 12, 1.0, eos, pad, rng, check_every=check_every)
+
+    reference = sample(1)
+    for check_every in (2, 5, 12):
+        for key in ("completion_ids", "completion_mask", "truncated"):
+            assert torch.equal(sample(check_every)[key], reference[key]), (check_every, key)
+    # rows ending at different tokens, by eos or by the tag, each cut at its own token
+    closing = tok("</answer>", add_special_tokens=False)["input_ids"]
+    (x,) = tok("x", add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    scripts = [[x] * 3 + closing + [x] * 20, [x, eos] + [x] * 30, [x] * 30, [x] * 9 + closing + [x] * 20]
+    outs = [
+        sample_completions(
+            _RowScript(scripts), ids[:1], mask[:1], 4, 20, 1.0, eos, 0, stop=answer_stop(tok), check_every=k
+        )
+        for k in (1, 4, 7)
+    ]
+    lengths = outs[0]["completion_mask"].sum(1).tolist()
+    assert lengths == [3 + len(closing), 2, 20, 9 + len(closing)]
+    assert outs[0]["truncated"].tolist() == [False, False, True, False]
+    for out in outs[1:]:
+        assert all(torch.equal(out[k], outs[0][k]) for k in ("completion_ids", "completion_mask", "truncated"))
+
+
+def test_non_finite_logits_stop_sampling_with_a_clear_error():
+    # Without the check, NaN reaches torch.multinomial: a RuntimeError on a CPU, a device-side assert that poisons
+    # the whole process on a GPU.
+    from drg_llama.models.reasoner import NonFiniteLogitsError
+
+    ids, mask = left_pad([[5, 6, 7]], 0)
+    for temperature in (1.0, 0.0):
+        with pytest.raises(NonFiniteLogitsError, match="NaN or infinite logits at completion token"):
+            sample_completions(_RowScript([[9] * 20], nan_at=2), ids, mask, 2, 16, temperature, 1, 0, check_every=4)
 
 
 class _StepCache:
@@ -211,17 +278,65 @@ class _StepCache:
 # one GRPO step
 
 
+def test_group_log_probs_under_gradient_checkpointing_equal_the_shared_prefill():
+    # transformers drops the KV cache inside checkpointed layers in training mode; the shared prefill then had no
+    # cache to repeat (AttributeError on None) and every 7B config, which checkpoints, crashed at GRPO step 1.
+    torch.manual_seed(0)
+    model, tok = build_causal_lm_backbone(tiny_backbone(lora_dropout=0.0, gradient_checkpointing=True))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    ids, mask = left_pad([list(b"note one, longer<"), list(b"two<")], tok.pad_token_id)
+    model.eval()
+    out = sample_completions(model, ids, mask, 3, 7, 1.0, tok.eos_token_id, tok.pad_token_id)
+    comp, comp_mask = out["completion_ids"], out["completion_mask"]
+    weights = torch.randn(comp.shape)
+
+    def value_and_grads(train: bool):
+        model.train(train)
+        model.zero_grad()
+        logps = group_log_probs(model, ids, mask, comp, comp_mask, 0.7)
+        (logps * weights * comp_mask).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    checkpointed, checkpointed_grads = value_and_grads(train=True)  # cache dropped: prompt + completion forwards
+    shared, shared_grads = value_and_grads(train=False)  # eval mode keeps the cache: the shared prefill
+    real = comp_mask.bool()
+    torch.testing.assert_close(checkpointed[real], shared[real], atol=1e-5, rtol=1e-5)
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_grpo_step_with_gradient_checkpointing(cache):
+    model = tiny_grpo_reasoner(
+        backbone=tiny_backbone(lora_dropout=0.0, gradient_checkpointing=True),
+        batch_size=2,
+        num_generations=2,
+        max_new_tokens=4,
+        micro_batch_size=4,
+        learning_rate=0.05,
+        beta=0.04,  # the reference log-probs run under no_grad in training mode: also without a cache
+    )
+    model.rewards = [_length_reward] * len(model.rewards)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
 def _length_reward(completions, **kwargs):
     """Rewards longer completions: gives the random model's groups variance, hence non-zero advantages."""
     return [float(len(c)) for c in completions]
 
 
-def tiny_grpo_reasoner(**settings) -> DRGReasoner:
+def tiny_grpo_reasoner(backbone: BackboneConfig | None = None, **settings) -> DRGReasoner:
     """A GRPO-stage reasoner on the tiny random LLaMA with a one-line instruction, attached to 8/4 synthetic rows."""
     L.seed_everything(0)
     data = DRGDataModule(variant="single_label", tokenizer=None, synthetic_n=300, limit_train=8, limit_val=4)
     model = DRGReasoner(
-        backbone=tiny_backbone(lora_dropout=0.0),
+        backbone=backbone or tiny_backbone(lora_dropout=0.0),
         label_space=data.label_space,
         stage="grpo",
         instruction="Give the DRG.",

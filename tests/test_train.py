@@ -358,3 +358,23 @@ def test_cli_resume_continues_the_same_run_directory(runs, tmp_path):
     assert set(trained["epoch"]) == {0, 1}  # the first epoch's rows survive, the second epoch's are appended
     assert trained["step"].is_monotonic_increasing
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
+def test_qlora_cli_trains_a_local_pretrained_folder_with_packing(cache, tmp_path, monkeypatch):
+    """The whole QLoRA path through the CLI: 4-bit base from a local folder, LoRA, packed batches, test, adapter.
+
+    bitsandbytes runs its CPU fallback here; on a GPU the same command runs its CUDA kernels.
+    """
+    from tests.test_backbone import save_tiny_pretrained
+
+    folder = save_tiny_pretrained(tmp_path / "pretrained")
+    monkeypatch.chdir(tmp_path)
+    overrides = ["--model.backbone.random_init", "null", "--model.backbone.tokenizer", "null"]
+    overrides += ["--model.backbone.name_or_path", folder, "--model.backbone.quantization", "4bit"]
+    overrides += ["--model.backbone.dtype", "bf16", "--data.packing", "true", "--data.pack_tokens", "128"]
+    results = main(["--variant", "two_label", "--config", TINY, *overrides, "--trainer.max_steps", "3"])
+    run_dir = tmp_path / "runs" / "two_label" / "version_0"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    config = (run_dir / "config.yaml").read_text()
+    assert "quantization: 4bit" in config and "packing: true" in config
+    assert 0.0 <= results["two_label (best on val)"]["top1"] <= 1.0

@@ -16,3 +16,6 @@ TINY_CONFIGS = {
     for arch in ("llama", "qwen2")
 }
 TINY_LLAMA = TINY_CONFIGS["llama"]
+#: bitsandbytes' CPU 4-bit kernels need each quantized layer's output size to be a multiple of 32 and its input
+#: size a multiple of the quantization block (64).
+TINY_QLORA = {**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}

@@ -46,7 +46,6 @@ import csv
 import datetime as dt
 import functools
 import gzip
-import importlib.resources
 import io
 import json
 import lzma
@@ -63,7 +62,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from drg_llama.data import _synth_vocab as V
-from drg_llama.drg import ERROR_DRGS, abbreviate_title, get_table, msdrg_version, resolve_version, split_severity_phrase
+from drg_llama.drg import (
+    ERROR_DRGS,
+    abbreviate_title,
+    get_table,
+    msdrg_version,
+    package_data,
+    resolve_version,
+    split_severity_phrase,
+)
 
 DISCHARGE_COLUMNS = ("note_id", "subject_id", "hadm_id", "note_type", "note_seq", "charttime", "storetime", "text")
 DRGCODES_COLUMNS = ("subject_id", "hadm_id", "drg_type", "drg_code", "description", "drg_severity", "drg_mortality")
@@ -114,30 +121,23 @@ class _Tables:
     secondary_by_level: dict[str, tuple[dict, ...]]
 
 
-def _package_file(package: str, *parts: str):
-    path = importlib.resources.files(package)
-    for part in parts:
-        path = path / part
-    return path
-
-
 @functools.lru_cache(maxsize=1)
 def _cm_titles() -> dict[str, str]:
     """ICD-10-CM code -> title (CMS list shipped by the ``drg`` package)."""
-    with _package_file("drg", "data", "cms", "icd_10_cm.csv").open("r", encoding="utf-8", newline="") as fh:
+    with package_data("drg", "data", "cms", "icd_10_cm.csv").open("r", encoding="utf-8", newline="") as fh:
         return {row[0]: row[1] for row in csv.reader(fh) if len(row) >= 2}
 
 
 @functools.lru_cache(maxsize=1)
 def _pcs_titles() -> dict[str, str]:
     """ICD-10-PCS code -> title (Tuva list shipped by the ``drg`` package)."""
-    with _package_file("drg", "data", "tuva", "icd_10_pcs.csv").open("r", encoding="utf-8", newline="") as fh:
+    with package_data("drg", "data", "tuva", "icd_10_pcs.csv").open("r", encoding="utf-8", newline="") as fh:
         return {row[0]: row[1] for row in csv.reader(fh) if len(row) >= 2}
 
 
 @functools.cache
 def _drgpy_data(version: str) -> dict:
-    with _package_file("drgpy", "runtime_data", f"{version}.json.xz").open("rb") as fh:
+    with package_data("drgpy", "runtime_data", f"{version}.json.xz").open("rb") as fh:
         return json.loads(lzma.decompress(fh.read()))
 
 

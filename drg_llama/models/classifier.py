@@ -32,6 +32,7 @@ from drg_llama.models.backbone import (
     BackboneConfig,
     build_classifier_backbone,
     check_trainable_tensors,
+    check_training_setup,
     keep_trainable_tensors,
     pooled_logits,
 )
@@ -226,6 +227,9 @@ class DRGClassifier(L.LightningModule):
     # ----------------------------------------------------------------------------------------------------------
     # optimisation
 
+    def setup(self, stage: str) -> None:
+        check_training_setup(self.trainer, self, self.backbone_config, stage, generative=False)
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
@@ -251,9 +255,18 @@ class DRGClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_trainable_tensors(self, checkpoint)
 
-    def save_adapter(self, folder: str) -> None:
-        """Write the LoRA adapter + score head as safetensors (PEFT layout) with the label space."""
-        self.model.save_pretrained(folder, safe_serialization=True)
+    def save_adapter(self, folder: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the LoRA adapter + score head as safetensors (PEFT layout).
+
+        Args:
+            folder: Output folder.
+            state_dict: This module's full state dict (keys ``model.…``) when its own tensors are not whole: under
+                FSDP each rank holds a shard, so every rank calls ``trainer.strategy.lightning_module_state_dict()``
+                and rank 0 passes the gathered result here. None saves the module's own tensors.
+        """
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        self.model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
 
 
 def _gather_ragged(module: L.LightningModule, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from drg_llama.models.backbone import Pooling, _sequence_classifier
+from drg_llama.models.backbone import Pooling, _sequence_classifier, check_attention_support, head_logits
 
 #: Packed row widths are rounded up to a multiple of this (tensor-core friendly, fewer distinct shapes).
 PAD_MULTIPLE = 8
@@ -163,15 +163,50 @@ def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)  # [R, 1, T, T]
 
 
-def flex_block_mask(seq_ids: torch.Tensor):
-    """flex_attention ``BlockMask`` of the same block-diagonal causal pattern (skips fully masked tiles)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+#: flex_attention's tile size: the BlockMask records, per tile of queries x keys, whether it is skipped, computed
+#: with the mask, or computed without it.
+FLEX_BLOCK = 128
 
-    def same_note_causal(b, h, q, kv):
-        return (seq_ids[b, q] == seq_ids[b, kv]) & (kv <= q)
+
+def flex_block_mask(seq_ids: torch.Tensor, block_size: int = FLEX_BLOCK):
+    """flex_attention ``BlockMask`` of the same block-diagonal causal pattern, built from tile summaries.
+
+    ``create_block_mask`` evaluates the mask function on all ``T x T`` positions every step (or compiles it, once
+    per row width). Notes are contiguous runs of ``seq_ids``, so a tile's first and last note ids say enough: a tile
+    of keys above the diagonal, or whose note ids cannot meet the query tile's, is skipped; a tile below the
+    diagonal where queries and keys all belong to one note needs no mask; every other tile is computed with the
+    mask function. The classification is conservative (padding, ``-1``, only ever makes a tile "partial"), so the
+    result is exact: the mask function decides every position of a partial tile. Cost: ``[R, T/128, T/128]``
+    booleans, no host sync.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     rows, width = seq_ids.shape
-    return create_block_mask(same_note_causal, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=seq_ids.device)
+    n = -(-width // block_size)
+    # Positions past the row's end get an id of their own, so the mask function never indexes out of bounds and
+    # those (padded-away) queries and keys only meet each other.
+    ids = torch.cat([seq_ids, seq_ids.new_full((rows, n * block_size - width), -2)], dim=1)  # [R, n*B]
+    tiles = torch.cat([seq_ids, seq_ids[:, -1:].expand(rows, n * block_size - width)], dim=1).view(rows, n, -1)
+    lo, hi = tiles.amin(-1), tiles.amax(-1)  # [R, n] first/last note id range of each tile (real positions)
+    q_lo, q_hi, k_lo, k_hi = lo[:, :, None], hi[:, :, None], lo[:, None, :], hi[:, None, :]  # [R, n, 1] / [R, 1, n]
+    below = torch.ones(n, n, dtype=torch.bool, device=seq_ids.device).tril()  # [n, n] key tile <= query tile
+    strictly_below = below.tril(-1)
+    meets = below & (q_lo <= k_hi) & (k_lo <= q_hi)  # [R, n, n] some query and key may share a note
+    full = strictly_below & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)  # [R, n, n] one note on both sides
+    partial = meets & ~full
+
+    def kv_lists(kind: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = kind.sum(-1, dtype=torch.int32)[:, None]  # [R, 1, n]
+        order = torch.argsort((~kind).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, None]  # [R, 1, n, n]
+        return counts, order
+
+    def same_note_causal(b, h, q, kv):
+        return (ids[b, q] == ids[b, kv]) & (kv <= q)
+
+    partial_lists, full_lists = kv_lists(partial), kv_lists(full)
+    return BlockMask.from_kv_blocks(
+        *partial_lists, *full_lists, BLOCK_SIZE=block_size, mask_mod=same_note_causal, seq_lengths=(width, width)
+    )
 
 
 def pool_packed(
@@ -224,14 +259,15 @@ def packed_logits(
     body = getattr(classifier, classifier.base_model_prefix)
     if num_sequences is None:
         num_sequences = int(seq_ids.max()) + 1
-    if getattr(classifier.config, "_attn_implementation", None) == "flex_attention":
+    dtype = body.get_input_embeddings().weight.dtype
+    if check_attention_support(classifier.config, input_ids.device, dtype) == "flex_attention":
         mask = flex_block_mask(seq_ids)
     else:
-        mask = block_causal_mask(seq_ids, body.get_input_embeddings().weight.dtype)  # [R, 1, T, T]
+        mask = block_causal_mask(seq_ids, dtype)  # [R, 1, T, T]
     hidden = body(
         input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state  # [R, T, H]
-    return classifier.score(pool_packed(hidden, seq_ids, num_sequences, pooling))  # [N, C]
+    return head_logits(classifier, pool_packed(hidden, seq_ids, num_sequences, pooling))  # [N, C]
 
 
 __all__ = [

@@ -63,6 +63,7 @@ from drg_llama.models.backbone import (
     BackboneConfig,
     build_causal_lm_backbone,
     check_trainable_tensors,
+    check_training_setup,
     keep_trainable_tensors,
 )
 from drg_llama.models.rewards import (
@@ -209,6 +210,15 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+#: Sampling checks on the host (stop tags, all rows done, non-finite logits) once per this many tokens: each check
+#: is a device-to-host sync, and the GPU runs ahead between them. A row's completion still ends at the exact token.
+CHECK_EVERY = 8
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """The model produced NaN or infinite logits while sampling."""
+
+
 @torch.no_grad()
 def sample_completions(
     model: torch.nn.Module,
@@ -220,15 +230,24 @@ def sample_completions(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
-    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop: AnswerStop | None = None,
+    check_every: int = CHECK_EVERY,
 ) -> dict[str, torch.Tensor]:
     """Sample ``num_samples`` completions per prompt, prefilling each prompt once.
 
     The prompt's KV cache is computed for B rows and then repeated G times along the batch (row order
     ``[p0 s0, p0 s1, …, p1 s0, …]``, as ``repeat_interleave``), so the prefill costs B forwards, not B*G.
 
+    The loop stays on the device: eos is detected on token ids, and the host looks at the rows only every
+    ``check_every`` tokens (stop tags, whether every row is done, non-finite logits). A row that ended between two
+    checks keeps being fed tokens until the next one; they are cut off, and since every row draws its own random
+    numbers the other rows are unaffected, so the result equals checking after every token (``check_every=1``).
+    Non-finite logits never reach ``torch.multinomial``: on a GPU that is a device-side assert that poisons the
+    process; here the row samples from a uniform stand-in and the next check raises ``NonFiniteLogitsError``.
+
     Args:
-        model: Causal LM (PEFT-wrapped or plain).
+        model: Causal LM (PEFT-wrapped or plain), in eval mode (gradient checkpointing drops the KV cache in
+            training mode).
         prompt_ids: ``[B, P]`` left-padded prompts.
         prompt_mask: ``[B, P]``.
         num_samples: G completions per prompt.
@@ -237,71 +256,126 @@ def sample_completions(
         eos_token_id: Ends a completion (kept as its last token).
         pad_token_id: Written after a completion ended.
         generator: Optional RNG for reproducible sampling.
-        stop: Optional ``tokens [N, t] -> bool [N]``: rows whose completion is complete after the last token (the
-            reasoner stops at ``</answer>``: nothing after it is read, so sampling it only costs time and drifts).
+        stop: Optional ``AnswerStop``: rows end at the token that closes ``</answer>`` (nothing after it is read, so
+            sampling it only costs time and drifts).
+        check_every: Tokens between host checks (>= 1).
 
     Returns:
         ``completion_ids`` [B*G, C], ``completion_mask`` [B*G, C] (1 up to and including eos or the stop),
-        ``truncated`` [B*G] bool, ``first_logits`` [B*G, V] (the distribution of the first token, for tests).
+        ``truncated`` [B*G] bool, ``first_logits`` [B*G, V] (the distribution of the first token, for tests);
+        C is the longest completion.
     """
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     g = num_samples
     pos = positions(prompt_mask)  # [B, P]
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
+    if cache is None:
+        raise RuntimeError("the model returned no KV cache; sample in eval mode (gradient checkpointing drops it)")
     cache.batch_repeat_interleave(g)  # [B, …] -> [B*G, …]: the shared prefill
     logits = out.logits[:, -1].float().repeat_interleave(g, dim=0)  # [B*G, V]
     first_logits = logits.clone()
-    mask = prompt_mask.repeat_interleave(g, dim=0)  # [B*G, P]
+    n, p, device = logits.shape[0], prompt_mask.shape[1], logits.device
+    not_ended = max_new_tokens + 1
+    mask = torch.ones((n, p + max_new_tokens), dtype=prompt_mask.dtype, device=device)  # [B*G, P+C], preallocated
+    mask[:, :p] = prompt_mask.repeat_interleave(g, dim=0)
+    tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # [B*G, C]
+    ended = torch.full((n,), not_ended, dtype=torch.long, device=device)  # [B*G] completion length once ended
+    non_finite = torch.zeros((), dtype=torch.bool, device=device)
     last = pos[:, -1].repeat_interleave(g, dim=0)  # [B*G]
-    finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
-    tokens, alive = [], []
+    uniform = torch.full_like(logits[:1], 1.0 / logits.shape[-1])  # [1, V] stand-in for a non-finite row
+    checked = 0  # tokens [0, checked) were seen by the host's stop check
+    length = 0
     for step in range(max_new_tokens):
         if temperature > 0:
-            probs = (logits / temperature).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B*G]
+            probs = (logits / temperature).softmax(-1)  # a NaN/inf logit makes its row NaN
+            bad = probs.isnan().any(-1, keepdim=True)  # [B*G, 1]
+            nxt = torch.multinomial(torch.where(bad, uniform, probs), 1, generator=generator).squeeze(-1)
         else:
+            bad = logits.isnan().any(-1, keepdim=True) | logits.isposinf().any(-1, keepdim=True)
             nxt = logits.argmax(-1)
-        nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
-        tokens.append(nxt)
-        alive.append(~finished)
-        done = nxt == eos_token_id
-        if stop is not None:
-            done = done | stop(torch.stack(tokens, dim=1))
-        finished = finished | done
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        non_finite |= bad.any()
+        live = ended == not_ended  # [B*G] as far as the device knows
+        nxt = torch.where(live, nxt, torch.full_like(nxt, pad_token_id))
+        tokens[:, step] = nxt
+        ended = torch.where(live & (nxt == eos_token_id), step + 1, ended)
+        length = step + 1
+        if length % check_every == 0 or length == max_new_tokens:
+            if bool(non_finite):
+                raise NonFiniteLogitsError(
+                    f"the model produced NaN or infinite logits at completion token {length}; its weights or inputs "
+                    "have diverged (check the learning rate and train/loss, and use bf16-mixed rather than fp16)"
+                )
+            if stop is not None:
+                ended = stop.end_rows(tokens, ended, not_ended, checked, length)
+            checked = length
+            if not bool((ended == not_ended).any()) or length == max_new_tokens:
+                break
         last = last + 1
         out = model(
             input_ids=nxt[:, None],
-            attention_mask=mask,
+            attention_mask=mask[:, : p + length],
             position_ids=last[:, None],
             past_key_values=cache,
             use_cache=True,
         )
         logits = out.logits[:, -1].float()
+    truncated = ended == not_ended
+    lengths = torch.where(truncated, length, ended)  # [B*G]
+    width = int(lengths.max()) if n else 0
+    completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()  # [B*G, C]
+    completion_ids = torch.where(completion_mask.bool(), tokens[:, :width], pad_token_id)
     return {
-        "completion_ids": torch.stack(tokens, dim=1),  # [B*G, C]
-        "completion_mask": torch.stack(alive, dim=1).long(),  # [B*G, C]
-        "truncated": ~finished,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "truncated": truncated,
         "first_logits": first_logits,
     }
 
 
-def answer_stop(tokenizer) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``stop`` for ``sample_completions``: ends a row the step its last few tokens close ``</answer>``.
+class AnswerStop:
+    """Ends sampled rows at the token that closes ``</answer>`` (the reasoner's output reads nothing after it).
 
-    It reads decoded text, not token ids, because ``</answer>`` tokenizes differently after different words. A row
-    is checked every step, so the tag is found the step it is completed; the window is twice the tag's own token
-    count, room for the spaced and cased variants the parser accepts.
+    It reads decoded text, not token ids, because ``</answer>`` tokenizes differently after different words.
+    ``sample_completions`` calls ``end_rows`` every few tokens; it decodes only the new tokens of the rows still
+    running, plus ``lookback`` tokens before them (twice the tag's own token count, room for the spaced and cased
+    variants the parser accepts), and, for the rare row that closed the tag, finds the exact token.
     """
-    window = 2 * len(tokenizer("</answer>", add_special_tokens=False)["input_ids"]) + 2
 
-    def stop(tokens: torch.Tensor) -> torch.Tensor:
-        tails = tokenizer.batch_decode(tokens[:, -window:].tolist(), skip_special_tokens=True)
-        return torch.tensor([answer_closed(t) for t in tails], dtype=torch.bool, device=tokens.device)
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.lookback = 2 * len(tokenizer("</answer>", add_special_tokens=False)["input_ids"]) + 2
 
-    return stop
+    def first_close(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[N, t]`` token windows -> ``[N]`` long: each row's shortest prefix that closes the tag, 0 if none does."""
+        rows = tokens.tolist()
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+        def closes(row: list[int], t: int) -> bool:
+            return answer_closed(self.tokenizer.decode(row[:t], skip_special_tokens=True))
+
+        found = [
+            next(t for t in range(1, len(row) + 1) if closes(row, t)) if answer_closed(text) else 0
+            for row, text in zip(rows, texts)
+        ]
+        return torch.tensor(found, dtype=torch.long)
+
+    def end_rows(
+        self, tokens: torch.Tensor, ended: torch.Tensor, not_ended: int, checked: int, length: int
+    ) -> torch.Tensor:
+        """``ended`` with the running rows that closed the tag in tokens ``[checked, length)`` set to their length."""
+        running = (ended == not_ended).nonzero().squeeze(-1)  # [k]
+        if running.numel() == 0:
+            return ended
+        start = max(0, checked - self.lookback)
+        close = self.first_close(tokens[running, start:length]).to(ended.device)  # [k]
+        return ended.index_put((running,), torch.where(close > 0, start + close, ended[running]))
+
+
+def answer_stop(tokenizer) -> AnswerStop:
+    """The stop rule of the reasoner's sampling: end at ``</answer>``."""
+    return AnswerStop(tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,6 +498,15 @@ def clipped_token_loss(
     }
 
 
+def returns_kv_cache(model: torch.nn.Module) -> bool:
+    """Whether a forward of ``model`` now returns its KV cache.
+
+    transformers drops the cache inside a layer that checkpoints its activations (training mode with gradient
+    checkpointing on); transformers 5.17 does so even when gradients are off.
+    """
+    return not (model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()))
+
+
 def group_log_probs(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -436,7 +519,8 @@ def group_log_probs(
 
     The prompts ``[b, P]`` are prefilled once (with gradient), their KV cache is repeated G times along the batch,
     and only the completions ``[b*G, C]`` (G consecutive rows per prompt, as ``sample_completions`` returns them) run
-    on top of it. The gradient reaching the shared prompt activations is the sum over the group, exactly what G
+    on top of it. Under gradient checkpointing, which drops the KV cache, each row runs prompt + completion whole.
+    The gradient reaching the shared prompt activations is the sum over the group, exactly what G
     separate forwards would give; the cost of the prompt part falls from b*G*P tokens to b*P. With 300-token
     prompts and 30-token answers this is most of a GRPO step.
 
@@ -448,12 +532,23 @@ def group_log_probs(
     if b == 0 or n % b:
         raise ValueError(f"{n} completions do not split into groups over {b} prompts")
     g = n // b
+    c = completion_ids.shape[1]
+    if not returns_kv_cache(model):
+        # Gradient checkpointing drops the KV cache in training mode, so each prompt runs once per completion, in
+        # one forward of prompt + completion (what TRL does): G times the prompt's compute, same values.
+        mask = torch.cat([prompt_mask.repeat_interleave(g, dim=0), completion_mask], dim=1)  # [b*G, P+C]
+        logits = model(
+            input_ids=torch.cat([prompt_ids.repeat_interleave(g, dim=0), completion_ids], dim=1),
+            attention_mask=mask,
+            position_ids=positions(mask),
+            logits_to_keep=c + 1,
+        ).logits[:, :-1]  # [b*G, C, V]: the last prompt position predicts the first completion token
+        return token_log_probs(logits, completion_ids, temperature)
     pos = positions(prompt_mask)  # [b, P]
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.batch_repeat_interleave(g)  # [b, ...] -> [b*G, ...], differentiable: gradients of the group add up
     first = out.logits[:, -1:].repeat_interleave(g, dim=0)  # [b*G, 1, V]: predicts the first completion token
-    c = completion_ids.shape[1]
     mask = torch.cat([prompt_mask.repeat_interleave(g, dim=0), completion_mask], dim=1)  # [b*G, P+C]
     start = pos[:, -1:].repeat_interleave(g, dim=0) + 1  # [b*G, 1]
     rest = model(
@@ -1025,6 +1120,9 @@ class DRGReasoner(L.LightningModule):
     # ----------------------------------------------------------------------------------------------------------
     # optimisation and checkpoints
 
+    def setup(self, stage: str) -> None:
+        check_training_setup(self.trainer, self, self.backbone_config, stage, generative=True)
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
@@ -1050,7 +1148,10 @@ __all__ = [
     "VAL_METRICS",
     "DRGReasoner",
     "answer_diversity",
+    "AnswerStop",
+    "NonFiniteLogitsError",
     "answer_stop",
+    "returns_kv_cache",
     "build_prompts",
     "clipped_token_loss",
     "collate",
