@@ -27,11 +27,8 @@ Definitions (also in the README):
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +36,7 @@ from scipy.optimize import minimize_scalar
 
 from drg_llama.drg import SEVERITIES, LabelSpace, get_table
 from drg_llama.metrics import ECE_BINS, drg_weights, expected_calibration_error, reliability_bins, with_unseen_class
+from drg_llama.runs import json_ready
 
 #: Illustrative base rate in USD per unit of relative weight. It is of the order of CMS's national operating
 #: standardized amount for recent fiscal years, NOT an official figure: pass your hospital's blended rate.
@@ -51,8 +49,6 @@ FREQUENCY_CUTS = (0.5, 0.8)
 LENGTH_EDGES = (0, 200, 400, 800)
 #: Allowed-severity-set labels in severity order (rows and columns of the severity confusion matrix).
 SEVERITY_SET_LABELS = ("NONE", "NONE|CC", "CC", "CC|MCC", "MCC", "ANY")
-#: File in a run directory holding the fitted temperature (read by ``predict``).
-CALIBRATION_FILE = "calibration.json"
 # Probabilities that underflowed to 0 in float32 still need a finite log for the temperature fit.
 _LOG_FLOOR = 1e-300
 
@@ -90,6 +86,8 @@ def nll(probs: Any, gold: Any) -> float:
     """Mean negative log-likelihood of the gold classes (rows with gold -1 are skipped)."""
     probs, gold = np.asarray(probs, dtype=np.float64), np.asarray(gold)
     keep = gold >= 0
+    if not keep.any():  # no validation split (drg_llama_2023), or only DRGs the model has no class for
+        return math.nan
     return float(-_log_probs(probs[keep, gold[keep]]).mean())
 
 
@@ -148,29 +146,6 @@ def calibration_report(
         out[f"ece_{tag}"] = expected_calibration_error(padded, gold, n_bins)
         out[f"bins_{tag}"] = reliability_bins(padded, gold, n_bins)
     return out
-
-
-def save_calibration(run_dir: str | Path, temperature: float, checkpoint: str, **facts: Any) -> Path:
-    """Write ``run_dir/calibration.json`` (the temperature ``predict`` applies) and return its path."""
-    path = Path(run_dir) / CALIBRATION_FILE
-    path.write_text(json.dumps({"temperature": temperature, "checkpoint": str(checkpoint), **facts}, indent=2) + "\n")
-    return path
-
-
-def load_temperature(run_dir: str | Path, checkpoint: str | None = None) -> float:
-    """The temperature fitted for ``checkpoint`` by ``evaluate``; 1.0 (no scaling) if none was fitted for it."""
-    path = Path(run_dir) / CALIBRATION_FILE
-    if not path.is_file():
-        return 1.0
-    saved = json.loads(path.read_text())
-    if checkpoint is not None and Path(saved.get("checkpoint", "")).name != Path(checkpoint).name:
-        warnings.warn(
-            f"{path} was fitted for {saved.get('checkpoint')}, not {checkpoint}; using uncalibrated probabilities "
-            "(re-run python -m drg_llama.evaluate to refit)",
-            stacklevel=2,
-        )
-        return 1.0
-    return float(saved["temperature"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,7 +447,7 @@ def analysis_report(
         return severity_set_label(table.allowed_severities(int(code))) if int(code) in table else "?"
 
     gold_sev, pred_sev = [severity(c) for c in gold_codes], [severity(c) for c in pred_codes]
-    return _json_ready(
+    return json_ready(
         {
             "calibration": calibration,
             "selective": selective,
@@ -491,16 +466,3 @@ def analysis_report(
             "top_confusions": top_confusions(gold_codes, pred_codes),
         }
     )
-
-
-def _json_ready(value: Any) -> Any:
-    """numpy scalars to Python, NaN/inf to None, recursively (metrics.json stays standard JSON)."""
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

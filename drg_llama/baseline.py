@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 import warnings
 from pathlib import Path
@@ -23,9 +22,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from drg_llama.drg import LabelSpace
+from drg_llama.errors import USER_ERRORS, UserError, report_error
 from drg_llama.metrics import score_predictions
+from drg_llama.runs import replacing, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +40,19 @@ _TOP = 10
 def _read_split(prepared_dir: Path, split: str) -> pd.DataFrame:
     path = prepared_dir / f"{split}.parquet"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"{path} does not exist; point --data at a folder written by `python -m drg_llama.data prepare`."
         )
-    frame = pd.read_parquet(path)
+    try:
+        frame = pd.read_parquet(path)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{path} is not a readable prepared split ({type(err).__name__}); re-run prepare.") from None
     missing = [c for c in _REQUIRED if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path} lacks column(s) {', '.join(missing)}; re-run `python -m drg_llama.data prepare`.")
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; re-run `python -m drg_llama.data prepare`.")
     if frame.empty:
-        raise ValueError(f"{path} has no rows.")
+        raise UserError(f"{path} has no rows; choose another split or prepare more admissions.")
     return frame
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (e.g. an AUC with no scorable class) becomes null so metrics.json stays standard JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def run_baseline(
@@ -111,6 +107,11 @@ def run_baseline(
     in_space = train["drg_code"].isin(index)
     train = train[in_space]  # a label space narrower than the training DRGs (rare) limits what can be learnt
     y_train = train["drg_code"].map(index).to_numpy(np.int64)  # [N_train]
+    if len(np.unique(y_train)) < 2:
+        raise UserError(
+            f"{prepared_dir / 'train.parquet'} has fewer than two DRGs among the rows trained on; logistic "
+            "regression needs two at least (prepare more admissions)."
+        )
     gold = scored["drg_code"].map(index).fillna(-1).to_numpy(np.int64)  # [N], -1: not a class -> an error
 
     start = time.perf_counter()
@@ -161,8 +162,7 @@ def run_baseline(
             "seed": seed,
         },
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    write_json(out_dir / "metrics.json", result)
     _write_predictions(out_dir / "predictions.parquet", scored, gold, probs, classes)
     return result
 
@@ -180,18 +180,20 @@ def _write_predictions(path: Path, scored: pd.DataFrame, gold: np.ndarray, probs
     k = min(_TOP, probs.shape[1])
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # [N, k]
     codes = np.asarray(classes, dtype=object)
-    pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "hadm_id": scored["hadm_id"].to_numpy(),
             "gold": scored["drg_code"].to_numpy(),
             "top_drgs": [list(codes[row]) for row in top],
             "top_probs": [probs[i, row].astype(np.float32).tolist() for i, row in enumerate(top)],
         }
-    ).to_parquet(path, index=False)
+    )
+    with replacing(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
-def _main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m drg_llama.baseline", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="prepared folder (train.parquet, test.parquet, ...)")
     parser.add_argument("--out", required=True, help="output folder for metrics.json and predictions.parquet")
     parser.add_argument("--split", default="test", help="split to score (default: test)")
@@ -201,25 +203,37 @@ def _main(argv: list[str] | None = None) -> None:
     parser.add_argument("--solver", choices=("saga", "lbfgs"), default="saga")
     parser.add_argument("--max-iter", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    for name in ("max_features", "min_df", "max_iter"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.C > 0:
+        parser.error("--C must be > 0")
+    if args.split not in _SPLITS:
+        parser.error(f"--split must be one of {', '.join(_SPLITS)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = run_baseline(
-        args.data,
-        args.out,
-        split=args.split,
-        max_features=args.max_features,
-        min_df=args.min_df,
-        C=args.C,
-        solver=args.solver,
-        max_iter=args.max_iter,
-        seed=args.seed,
-    )
+    try:
+        result = run_baseline(
+            args.data,
+            args.out,
+            split=args.split,
+            max_features=args.max_features,
+            min_df=args.min_df,
+            C=args.C,
+            solver=args.solver,
+            max_iter=args.max_iter,
+            seed=args.seed,
+        )
+    except USER_ERRORS as err:
+        return report_error(err, args.debug)
     header = f"{'':16}{'top1':>8}{'top5':>8}{'macroF1':>9}{'macroAUC':>10}"
     print(f"{header}   ({result['split']}, n={result['metrics']['n']:.0f})")
     for name, m in (("tfidf_logreg", result["metrics"]), ("majority_class", result["majority_class"])):
         print(f"{name:16}{m['top1']:8.4f}{m['top5']:8.4f}{m['macro_f1_present']:9.4f}{m['macro_auc']:10.4f}")
     print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
 
 
 if __name__ == "__main__":
-    _main()
+    raise SystemExit(_main())

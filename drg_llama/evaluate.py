@@ -1,100 +1,42 @@
-"""Evaluate a trained run on a split: ``DIR/eval/metrics.json`` and ``DIR/eval/predictions.parquet``.
+"""Score a trained run on a prepared split: ``metrics.json`` and ``predictions.parquet`` under ``DIR/eval/``.
 
-    python -m drg_llama.evaluate --run runs/two_label/version_0 --split test
+    python -m drg_llama.evaluate --run runs/two_label/version_0                       # its own test split
     python -m drg_llama.evaluate --run runs/two_label/version_0 --split val --checkpoint last
+    python -m drg_llama.evaluate --run runs/two_label/version_0 --data hospital_prepared --split all
     python -m drg_llama.evaluate --run runs/two_label/version_0 --target-accuracy 0.9 --base-rate 7000
 
-Predictions carry ids, the gold DRG and the top-k DRGs with probabilities — never note text. ``metrics.json`` also
-holds calibration (temperature fitted on validation, saved as ``DIR/calibration.json`` for ``predict``), selective
-coding, payment impact, breakdowns and the severity confusion matrix (see ``drg_llama.analysis``).
+Everything comes from the run folder (model, label space, tokenisation settings) plus the prepared data to score:
+the run's own (``DIR/eval/``) or, with ``--data``, any other prepared folder of the same MS-DRG version
+(``DIR/eval/<folder name>/``), e.g. a model trained on MIMIC-IV scored on a hospital's own notes. ``--split all``
+scores every row of such a folder. DRGs outside the run's label space count as errors and are listed in
+``outside_label_space``.
+
+Predictions carry ids, the gold DRG and the top-k DRGs with probabilities, never note text. For classifier runs
+``metrics.json`` also holds calibration (a temperature fitted on the validation split of the scored data; for the
+run's own data it is saved as ``DIR/calibration.json`` for ``predict``), selective coding, payment impact,
+breakdowns and the severity confusion matrix (``drg_llama.analysis``). Reasoner runs (``--variant sft|grpo``) are
+scored by greedy generation (``drg_llama.evaluate_reasoner``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import warnings
 from pathlib import Path
+from typing import Any
 
-import lightning as L
 import numpy as np
 import pandas as pd
-import yaml
 
-from drg_llama.analysis import DEFAULT_BASE_RATE, DEFAULT_TARGET_ACCURACY, analysis_report, save_calibration
-
-
-class RunError(ValueError):
-    """A run directory that cannot be evaluated (missing files, wrong layout)."""
-
-
-def load_run(run_dir: str | Path, checkpoint: str = "best"):
-    """Rebuild the model (with its trained weights) and the data module of a run directory.
-
-    Args:
-        run_dir: A directory written by ``python -m drg_llama.train``.
-        checkpoint: ``best`` (chosen on validation), ``last``, or a path to a ``.ckpt`` file.
-
-    Returns:
-        ``(model, datamodule, checkpoint_path)``.
-    """
-    from drg_llama.data.datamodule import DRGDataModule
-    from drg_llama.models.classifier import DRGClassifier
-
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    ckpt = _checkpoint_path(run_dir, checkpoint)
-    # Checkpoints hold only trainable tensors; the frozen base is rebuilt. For a random-init backbone (tests,
-    # benchmarks) that rebuild must draw the same weights as training did, so seed as the training run did.
-    L.seed_everything(config.get("seed_everything") or 0, verbose=False)
-    # Checkpoints hold only trainable tensors by design (on_load_checkpoint checks they are all there), so
-    # Lightning's list of frozen base keys "not in the checkpoint" is expected, not a problem.
-    warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
-    model = DRGClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
-    data_args = dict(config.get("data") or {})
-    data_args.pop("label_space", None)
-    data = DRGDataModule(**data_args)
-    if data.label_space.drgs != model.label_space.drgs:
-        raise RunError(
-            f"the data module's classes ({data.label_space.num_classes}) differ from the checkpoint's "
-            f"({model.label_space.num_classes}); was the prepared folder changed after training?"
-        )
-    data.set_tokenizer(model.tokenizer)
-    return model, data, ckpt
-
-
-def read_run_config(run_dir: str | Path) -> dict:
-    """The resolved ``config.yaml`` a training run saved, or a clear error when the folder is not a run."""
-    config_path = Path(run_dir) / "config.yaml"
-    if not config_path.exists():
-        raise RunError(f"{run_dir} has no config.yaml; pass a directory written by python -m drg_llama.train")
-    return yaml.safe_load(config_path.read_text())
-
-
-def _checkpoint_path(run_dir: Path, checkpoint: str) -> str:
-    if checkpoint not in ("best", "last"):
-        if not Path(checkpoint).exists():
-            raise RunError(f"checkpoint {checkpoint} does not exist")
-        return checkpoint
-    folder = run_dir / "checkpoints"
-    if checkpoint == "last":
-        path = folder / "last.ckpt"
-    else:
-        recorded = run_dir / "test_metrics.json"
-        path = Path(json.loads(recorded.read_text())["checkpoint"]) if recorded.exists() else None
-        if path is None or not path.exists():
-            candidates = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
-            path = candidates[-1] if candidates else folder / "last.ckpt"
-    if not path.exists():
-        raise RunError(f"no {checkpoint} checkpoint in {folder}")
-    return str(path)
+from drg_llama.analysis import DEFAULT_BASE_RATE, DEFAULT_TARGET_ACCURACY, analysis_report
+from drg_llama.errors import USER_ERRORS, report_error
+from drg_llama.runs import EVAL_SPLITS, Run, RunError, replacing, write_json
 
 
 def top_k_table(space, probs: np.ndarray, k: int) -> pd.DataFrame:
     """Top-k DRG codes and probabilities per row (list columns)."""
     k = min(k, probs.shape[1])
-    top = np.argsort(-probs, axis=1)[:, :k]  # [N, k]
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # [N, k]
     codes = np.asarray(space.drgs)[top]
     return pd.DataFrame(
         {
@@ -105,6 +47,29 @@ def top_k_table(space, probs: np.ndarray, k: int) -> pd.DataFrame:
     )
 
 
+def outside_label_space(space, gold_codes) -> dict[str, Any]:
+    """Scored rows whose gold DRG is not a class of the run (they count as errors), by DRG."""
+    codes = pd.Series(np.asarray(gold_codes, dtype=np.int64))
+    outside = codes[~codes.isin(space.drgs)].value_counts().sort_index()
+    return {"rows": int(outside.sum()), "drgs": {int(code): int(n) for code, n in outside.items()}}
+
+
+def check_options(split: str, top_k: int, target_accuracy: float, base_rate: float, data_dir) -> None:
+    """Every option, checked before the model is loaded (a bad one must not cost a pass over the data)."""
+    if split not in EVAL_SPLITS:
+        raise RunError(f"--split must be one of {', '.join(EVAL_SPLITS)}, not {split!r}")
+    if split == "all" and data_dir is None:
+        raise RunError(
+            "--split all scores the training rows too; use it with --data on a folder the run was not trained on"
+        )
+    if top_k < 1:
+        raise RunError(f"--top-k must be >= 1, not {top_k}")
+    if not 0 < target_accuracy <= 1:
+        raise RunError(f"--target-accuracy must be in (0, 1], not {target_accuracy}")
+    if not base_rate > 0:
+        raise RunError(f"--base-rate is USD per unit of CMS weight and must be > 0, not {base_rate}")
+
+
 def evaluate_run(
     run_dir: str | Path,
     split: str = "test",
@@ -113,88 +78,126 @@ def evaluate_run(
     target_accuracy: float = DEFAULT_TARGET_ACCURACY,
     base_rate: float = DEFAULT_BASE_RATE,
     *,
+    data_dir: str | Path | None = None,
     with_reasoning: bool = False,
 ) -> dict:
-    """Score a run on ``split`` and write ``eval/metrics.json`` + ``eval/predictions.parquet``.
+    """Score a run on ``split`` and write its ``metrics.json`` and ``predictions.parquet``; returns the report.
 
-    Reasoner runs (``--variant sft|grpo``) go to ``drg_llama.evaluate_reasoner`` (greedy generation; the analysis
-    sections need probabilities and are left out); ``with_reasoning`` adds their reasoning text to the predictions.
-
-    Beyond ``metrics``, the report holds the sections of :func:`drg_llama.analysis.analysis_report`; the
-    temperature and the selective-coding threshold are fitted on the validation split.
+    Args:
+        run_dir: A run folder written by ``python -m drg_llama.train``.
+        split: ``test``, ``val``, or ``all`` (every row of ``data_dir``).
+        checkpoint: ``best`` (the one training tested), ``last``, or a ``.ckpt`` path.
+        top_k: DRGs per prediction row.
+        target_accuracy: Selective-coding target (classifier runs).
+        base_rate: USD per unit of CMS relative weight (classifier runs).
+        data_dir: Another prepared folder to score; default the run's own data.
+        with_reasoning: Reasoner runs: add the reasoning text to the predictions (it may quote the note).
     """
-    import lightning as L
+    check_options(split, top_k, target_accuracy, base_rate, data_dir)
+    run = Run.open(run_dir)
+    data = run.data_module(data_dir)
+    # The folder (manifest, version, splits) and the rows to score are checked before the model is built.
+    if split != "all" and not len(data.split_frame(split)):
+        raise RunError(f"{data.prepared_dir / split}.parquet has no rows (drg_llama_2023 has no val); score test")
+    model, ckpt = run.load_model(checkpoint)
+    if run.recipe == "reasoner":
+        if split == "all":
+            raise RunError("--split all scores classifier runs; score a reasoner run with --split test or val")
+        from drg_llama.evaluate_reasoner import evaluate_reasoner
 
-    from drg_llama.evaluate_reasoner import evaluate_reasoner_run, is_reasoner_run
-
-    if is_reasoner_run(run_dir):
-        return evaluate_reasoner_run(run_dir, split, checkpoint, with_reasoning=with_reasoning)
-    if split not in ("val", "test"):
-        raise RunError(f"split must be 'val' or 'test', got {split!r}")
-    model, data, ckpt = load_run(run_dir, checkpoint)
-    data.setup("test" if split == "test" else "validate")
-    loader = data.test_dataloader() if split == "test" else data.val_dataloader()
-    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
-    trainer.test(model, dataloaders=loader, verbose=False)
-    result = model.last_eval
-    frame = data.split_frame(split).reset_index(drop=True)
-    rows = result["row"]
-    predictions = pd.concat(
-        [
-            frame.loc[rows, ["hadm_id", "subject_id"]].reset_index(drop=True),
-            pd.DataFrame({"gold_drg": frame.loc[rows, "drg_code"].to_numpy()}),
-            top_k_table(model.label_space, result["probs"], top_k),
-        ],
-        axis=1,
-    )
-    out = Path(run_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    predictions.to_parquet(out / f"predictions_{split}.parquet" if split != "test" else out / "predictions.parquet")
+        predictions, report = evaluate_reasoner(model, data, split, with_reasoning=with_reasoning)
+        report["variant"] = run.variant
+    else:
+        own_data = data_dir is None
+        predictions, report = _evaluate_classifier(
+            run, model, ckpt, data, split, top_k, target_accuracy, base_rate, own_data
+        )
     report = {
         "split": split,
-        "variant": model.label_space.variant,
-        "drg_version": model.label_space.version,
-        "checkpoint": ckpt,
-        "decode": model.hparams.decode,
-        "metrics": result["metrics"],
+        "data": str(Path(data_dir).resolve()) if data_dir is not None else "the run's own data",
+        "checkpoint": run.relative(ckpt),
+        **report,
+        "outside_label_space": outside_label_space(run.label_space, predictions["gold_drg"]),
     }
-    report.update(
-        _analysis_sections(model, data, trainer, result, split, Path(run_dir), ckpt, target_accuracy, base_rate)
-    )
-    (out / ("metrics.json" if split == "test" else f"metrics_{split}.json")).write_text(json.dumps(report, indent=2))
+    metrics_path, predictions_path = run.eval_files(split, data_dir)
+    predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(predictions_path) as tmp:
+        predictions.to_parquet(tmp, index=False)
+    write_json(metrics_path, report)
     return report
 
 
-def _analysis_sections(model, data, trainer, result, split, run_dir, ckpt, target_accuracy, base_rate) -> dict:
-    """Calibration, selective coding, payment, breakdowns (drg_llama.analysis); saves the fitted temperature."""
-    val = result
-    if split != "val":  # temperature and threshold are fitted on validation, never on the split they are judged on
-        data.setup("validate")
-        trainer.test(model, dataloaders=data.val_dataloader(), verbose=False)
-        val = model.last_eval
-    frame = data.split_frame(split).loc[result["row"]]
-    sections = analysis_report(
-        model.label_space,
-        result["probs"],
-        result["gold"],
-        frame["drg_code"].to_numpy(),
-        frame["n_words"].to_numpy(),
-        data.split_frame("train")["drg_code"].to_numpy(),
-        val_probs=val["probs"],
-        val_gold=val["gold"],
-        target_accuracy=target_accuracy,
-        base_rate=base_rate,
+def _scored(model, data, trainer, split: str) -> dict[str, np.ndarray]:
+    """Probabilities, gold indices and rows of one split (empty arrays for an empty split)."""
+    if not len(data.split_frame(split)):
+        width = model.label_space.num_classes
+        return {"probs": np.zeros((0, width)), "gold": np.zeros(0, np.int64), "row": np.zeros(0, np.int64)}
+    trainer.test(model, dataloaders=data.eval_dataloader(split), verbose=False)
+    return model.last_eval
+
+
+def _evaluate_classifier(run, model, ckpt, data, split, top_k, target_accuracy, base_rate, own_data):
+    """Predictions frame and report of a classifier run; the fitted temperature is saved for the run's own data
+    (``predict`` applies it), never for other data."""
+    import lightning as L
+
+    from drg_llama.metrics import score_predictions
+
+    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
+    data.set_tokenizer(model.tokenizer)
+    splits = ("train", "val", "test") if split == "all" else (split,)
+    parts = [(_scored(model, data, trainer, s), data.split_frame(s)) for s in splits]
+    probs = np.concatenate([scored["probs"] for scored, _ in parts])
+    gold = np.concatenate([scored["gold"] for scored, _ in parts])
+    frame = pd.concat([f.loc[scored["row"]] for scored, f in parts], ignore_index=True)
+    predictions = pd.concat(
+        [
+            frame[["hadm_id", "subject_id"]],
+            pd.DataFrame({"gold_drg": frame["drg_code"].to_numpy()}),
+            top_k_table(model.label_space, probs, top_k),
+        ],
+        axis=1,
     )
-    calibration = sections["calibration"]
-    save_calibration(run_dir, calibration["temperature"], ckpt, n_fit=calibration["n_fit"])
-    return sections
+    report = {
+        "variant": model.label_space.variant,
+        "drg_version": model.label_space.version,
+        "decode": model.hparams.decode,
+        "metrics": score_predictions(model.label_space, probs, gold),
+    }
+    # The temperature and the selective-coding threshold are fitted on validation, never on the rows they are judged
+    # on; with --split all every row is judged, so there is nothing left to fit on.
+    if split == "all":
+        return predictions, report
+    val = parts[0][0] if split == "val" else _scored(model, data, trainer, "val")
+    train_codes = run.train_codes()
+    if train_codes is None:  # a run folder from before run.json: its own training rows, as then
+        train_codes = data.split_frame("train")["drg_code"].to_numpy()
+    report.update(
+        analysis_report(
+            model.label_space,
+            probs,
+            gold,
+            frame["drg_code"].to_numpy(),
+            frame["n_words"].to_numpy(),
+            train_codes,
+            val_probs=val["probs"],
+            val_gold=val["gold"],
+            target_accuracy=target_accuracy,
+            base_rate=base_rate,
+        )
+    )
+    if own_data:
+        calibration = report["calibration"]
+        run.save_temperature(calibration["temperature"], ckpt, n_fit=calibration["n_fit"])
+    return predictions, report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m drg_llama.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="run directory written by python -m drg_llama.train")
-    parser.add_argument("--split", default="test", choices=("val", "test"))
-    parser.add_argument("--checkpoint", default="best", help="best (on validation), last, or a .ckpt path")
+    parser.add_argument("--run", required=True, help="run folder written by python -m drg_llama.train")
+    parser.add_argument("--data", default=None, help="another prepared folder to score (default: the run's own data)")
+    parser.add_argument("--split", default="test", choices=EVAL_SPLITS, help="all: every row of --data")
+    parser.add_argument("--checkpoint", default="best", help="best (the one training tested), last, or a .ckpt path")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument(
         "--target-accuracy", type=float, default=DEFAULT_TARGET_ACCURACY, help="selective-coding target on val"
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"USD per unit of CMS relative weight (default {DEFAULT_BASE_RATE:.0f}, illustrative: give your own)",
     )
     parser.add_argument("--with-reasoning", action="store_true", help="reasoner runs: keep the reasoning text")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
         report = evaluate_run(
@@ -215,15 +219,18 @@ def main(argv: list[str] | None = None) -> int:
             args.top_k,
             args.target_accuracy,
             args.base_rate,
+            data_dir=args.data,
             with_reasoning=args.with_reasoning,
         )
-    except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report_error(err, args.debug)
     m = report["metrics"]
+    outside = report["outside_label_space"]["rows"]
     print(
         f"{args.split}: n={int(m['n'])} top1={m['top1']:.3f} top5={m['top5']:.3f} "
-        f"macro_f1={m['macro_f1_present']:.3f} macro_auc={m['macro_auc']:.3f} -> {Path(args.run) / 'eval'}"
+        f"macro_f1={m['macro_f1_present']:.3f} macro_auc={m['macro_auc']:.3f}"
+        + (f" ({outside} rows with a DRG outside the run's classes, counted as errors)" if outside else "")
+        + f" -> {Run.open(args.run).eval_files(args.split, args.data)[0].parent}"
     )
     return 0
 

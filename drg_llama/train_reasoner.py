@@ -13,15 +13,16 @@ Each run writes to ``runs/<variant>/version_N/``: ``config.yaml``, ``metrics.csv
 frac_reward_zero_std, per-reward means, completion length, truncated fraction, clip ratio, KL; every validation
 check: ``val/<VAL_METRICS>`` of greedy answers on the same validation notes, ``val/reward_sampled`` with
 ``val_samples``, and for GRPO a check before the first step), ``checkpoints/``
-(trainable tensors only), ``adapter/`` (LoRA, safetensors), ``label_space.json``, ``reasoner.json`` (run type,
-stage, version, the SFT adapter it started from, rationale counts), ``test_metrics.json`` (the classifier's layout)
-and, for GRPO, ``reward_curve.png``.
+(trainable tensors only), ``adapter/`` (LoRA, safetensors), ``label_space.json``, ``run.json``, ``reasoner.json``
+(run type, stage, version, the SFT adapter it started from, rationale counts), ``test_metrics.json`` (the
+classifier's layout) and, for GRPO, ``init_adapter/`` (a copy of that SFT adapter: the run folder stands alone) and
+``reward_curve.png``.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -29,11 +30,19 @@ from lightning.pytorch.cli import LightningCLI
 
 from drg_llama.data.datamodule import DRGDataModule
 from drg_llama.models.reasoner import SUMMARY_METRICS, DRGReasoner
+from drg_llama.runs import (
+    ADAPTER_DIR,
+    INIT_ADAPTER_DIR,
+    REASONER_FILE,
+    TEST_METRICS_FILE,
+    read_checkpoint,
+    record_run,
+    tested_checkpoint,
+    write_json,
+)
+from drg_llama.train import CONFIG_DIR
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 STAGES = ("sft", "grpo")
-#: Marker file that tells evaluate/predict a run directory holds a reasoner.
-RUN_MARKER = "reasoner.json"
 
 
 class ReasonerCLI(LightningCLI):
@@ -50,9 +59,15 @@ def reasoner_args(variant: str, rest: list[str]) -> list[str]:
         raise SystemExit(f"error: the reasoner trains {' or '.join(STAGES)}, not {variant!r}")
     config = CONFIG_DIR / f"{variant}.yaml"
     if not config.exists():
-        raise SystemExit(f"error: {config} is missing; drg_llama.train reads configs/ from a source checkout")
+        raise SystemExit(f"error: {config} is missing; reinstall drg-llama")
     # The reasoner scores against a single-label space (one class per DRG); its answers are DRGs, not heads.
     return ["--config", str(config), *rest, f"--model.stage={variant}", "--data.variant=single_label"]
+
+
+def adapter_folder(init_adapter: str | Path) -> Path:
+    """The PEFT adapter folder ``--model.init_adapter`` names: an SFT run's ``adapter/``, or the folder itself."""
+    folder = Path(init_adapter).expanduser()
+    return folder / ADAPTER_DIR if (folder / ADAPTER_DIR / "adapter_config.json").is_file() else folder
 
 
 def plot_reward_curve(metrics_csv: str | Path, out_png: str | Path, window: int = 5) -> Path | None:
@@ -138,16 +153,18 @@ def main(argv: list[str], variant: str) -> dict:
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     model.attach_data(data)
     ckpt_path = cli.config.get("ckpt_path")
+    if ckpt_path:
+        read_checkpoint(ckpt_path)  # a missing, truncated or foreign file: one line now, not a traceback later
     if variant == "grpo" and trainer.limit_val_batches and not ckpt_path:
         # Step 0 of the held-out curve: the SFT policy on the validation notes, before any GRPO update.
         trainer.validate(model, verbose=False)
     # The reasoner serves its own loaders (prompts from the texts); the data module only supplies folder and limits.
-    trainer.fit(model, ckpt_path=ckpt_path)
+    trainer.fit(model, ckpt_path=ckpt_path, weights_only=True)
     trainer.test(model, verbose=False)
     metrics = model.last_eval["metrics"]
     run_dir = Path(trainer.log_dir)
+    last = tested_checkpoint(trainer)  # every rank; reasoner runs test their last weights
     if trainer.is_global_zero:
-        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
         marker = {
             "run_type": "reasoner",
             "stage": variant,
@@ -156,18 +173,30 @@ def main(argv: list[str], variant: str) -> dict:
             "rationale": model.hparams.rationale,
             "rationale_counts": model.rationale_counts,
         }
-        (run_dir / RUN_MARKER).write_text(json.dumps(marker, indent=2))
-        (run_dir / "label_space.json").write_text(json.dumps(model.label_space.to_dict()))
+        write_json(run_dir / REASONER_FILE, marker)
+        if model.hparams.init_adapter:
+            # The SFT adapter merged into the base travels with the run, so the run folder stands alone.
+            shutil.copytree(adapter_folder(model.hparams.init_adapter), run_dir / INIT_ADAPTER_DIR, dirs_exist_ok=True)
+        run = record_run(
+            run_dir,
+            recipe="reasoner",
+            variant=variant,
+            label_space=model.label_space,
+            tested_checkpoint=last,
+            selected_on="last",
+            data_dir=data.prepared_dir,
+            train_codes=data.split_frame("train")["drg_code"].to_numpy(),
+        )
         report = {
             "split": "test",
             "variant": variant,
             "drg_version": model.version,
-            "checkpoint": last,
+            "checkpoint": run.record["tested_checkpoint"],
             "decode": "greedy",
             "metrics": metrics,
         }
-        (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
-        model.save_adapter(str(run_dir / "adapter"))
+        write_json(run_dir / TEST_METRICS_FILE, report)
+        model.save_adapter(str(run_dir / ADAPTER_DIR))
         if variant == "grpo" and (run_dir / "metrics.csv").exists():
             plot_reward_curve(run_dir / "metrics.csv", run_dir / "reward_curve.png")
         cells = " ".join(

@@ -16,3 +16,24 @@ def cache(tmp_path_factory):
         os.environ.pop("DRG_LLAMA_CACHE")
     else:
         os.environ["DRG_LLAMA_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(cache, tmp_path_factory):
+    """One tiny training run per classifier variant (train -> best on val -> test -> baseline), shared by the session.
+
+    Returns ``{variant: (run folder, results)}``. Tests that change a run work on a copy of it.
+    """
+    from drg_llama.train import CONFIG_DIR, main
+
+    out = {}
+    for variant in ("single_label", "two_label"):
+        workdir = tmp_path_factory.mktemp(variant)
+        cwd = os.getcwd()
+        os.chdir(workdir)
+        try:
+            results = main(["--variant", variant, "--config", str(CONFIG_DIR / "tiny.yaml")])
+        finally:
+            os.chdir(cwd)
+        out[variant] = (workdir / "runs" / variant / "version_0", results)
+    return out

@@ -17,10 +17,8 @@ from drg_llama.analysis import (
     fit_temperature,
     frequency_bands,
     length_band,
-    load_temperature,
     nll,
     payment_impact,
-    save_calibration,
     selective_at,
     selective_report,
     selective_threshold,
@@ -81,16 +79,6 @@ def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
     assert len(report["bins_before"]) == len(report["bins_after"]) == 15
     # the ranking never changes
     assert (apply_temperature(test_probs, report["temperature"]).argmax(1) == test_probs.argmax(1)).all()
-
-
-def test_saved_temperature_is_read_back_for_its_checkpoint_only(tmp_path):
-    assert load_temperature(tmp_path) == 1.0  # evaluate has not run
-    save_calibration(tmp_path, 1.7, tmp_path / "checkpoints" / "best-epoch=0-step=6.ckpt", n_fit=40)
-    assert json.loads((tmp_path / "calibration.json").read_text())["n_fit"] == 40
-    assert load_temperature(tmp_path) == 1.7
-    assert load_temperature(tmp_path, "elsewhere/best-epoch=0-step=6.ckpt") == 1.7
-    with pytest.warns(UserWarning, match="fitted for"):
-        assert load_temperature(tmp_path, "last.ckpt") == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 
 from drg_llama.baseline import _main, run_baseline
 from drg_llama.drg import LabelSpace
+from drg_llama.errors import UserError
 
 # drg_code -> (base_drg, allowed severities, mdc, words that mark the class)
 DRGS = {
@@ -103,8 +104,27 @@ def test_cli_and_explicit_label_space(prepared, tmp_path, capsys):
 
 
 def test_missing_split_or_column_is_a_clear_error(prepared, tmp_path):
-    with pytest.raises(FileNotFoundError, match="drg_llama.data prepare"):
+    with pytest.raises(UserError, match="drg_llama.data prepare"):
         run_baseline(tmp_path / "nowhere", tmp_path / "out")
     pd.read_parquet(prepared / "test.parquet").drop(columns=["text"]).to_parquet(prepared / "test.parquet")
-    with pytest.raises(ValueError, match="lacks column"):
+    with pytest.raises(UserError, match="lacks column"):
         run_baseline(prepared, tmp_path / "out")
+
+
+def test_cli_errors_are_one_line(prepared, tmp_path, capsys):
+    """Every bad input to the baseline's command line: one line on stderr, exit status 2, no traceback."""
+    train = pd.read_parquet(prepared / "train.parquet")
+    train.assign(drg_code=train["drg_code"].iloc[0]).to_parquet(prepared / "train.parquet")  # one class
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "train.parquet").write_text("not parquet")
+    cases = {
+        "nowhere": ["--data", str(tmp_path / "nowhere")],
+        "one class": ["--data", str(prepared)],
+        "not parquet": ["--data", str(tmp_path / "broken")],
+    }
+    for name, args in cases.items():
+        assert _main([*args, "--out", str(tmp_path / "out")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    with pytest.raises(UserError):  # --debug: the exception itself, with its traceback
+        _main(["--data", str(prepared), "--out", str(tmp_path / "out"), "--debug"])

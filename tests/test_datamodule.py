@@ -24,6 +24,7 @@ from drg_llama.data.datamodule import (
     truncate_ids,
 )
 from drg_llama.drg import SEVERITIES, get_table
+from drg_llama.errors import UserError
 
 VOCAB_WORDS = 300
 # Two families: heart failure 291/292/293 (MCC / CC / none) and sepsis 871/872 (MCC / without MCC).
@@ -368,8 +369,46 @@ def test_version_mismatch_message(tmp_path):
 
 
 def test_not_a_prepared_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m drg_llama.data prepare"):
+    with pytest.raises(UserError, match="python -m drg_llama.data prepare"):
         _ = DRGDataModule(data_dir=str(tmp_path)).label_space
+    with pytest.raises(UserError, match="does not exist; create it with `python -m drg_llama.data prepare"):
+        _ = DRGDataModule(data_dir=str(tmp_path / "nowhere")).label_space
+
+
+def test_unusable_training_splits_are_one_sentence(prepared, tmp_path):
+    folder, splits = prepared
+    train = folder / "train.parquet"
+    splits["train"].iloc[:0].to_parquet(train, index=False)
+    with pytest.raises(UserError, match="train.parquet has no rows"):
+        _ = DRGDataModule(data_dir=str(folder)).label_space
+    # one DRG only: every prediction would be right by construction, and the TF-IDF baseline cannot fit
+    splits["train"].assign(drg_code=291).to_parquet(train, index=False)
+    with pytest.raises(UserError, match=r"a single DRG \(291\)"):
+        _ = DRGDataModule(data_dir=str(folder)).label_space
+    train.write_bytes(b"not parquet")
+    with pytest.raises(UserError, match="train.parquet is not a readable prepared split"):
+        _ = DRGDataModule(data_dir=str(folder)).label_space
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="manifest.json is not a prepare manifest"):
+        _ = DRGDataModule(data_dir=str(folder)).label_space
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [({"max_length": 1}, "max_length must be >= 2"), ({"batch_size": 0}, "batch_size and eval_batch_size")],
+)
+def test_bad_options_are_user_errors(option, message):
+    with pytest.raises(UserError, match=message):
+        DRGDataModule(**option)
+
+
+def test_empty_split_tokenises_to_nothing(prepared):
+    # prepare --split drg_llama_2023 writes an empty val.parquet; datasets cannot read one ("corresponds to no data")
+    folder, splits = prepared
+    splits["val"].iloc[:0].to_parquet(folder / "val.parquet", index=False)
+    dm = make_dm(folder)
+    dm.prepare_data()
+    assert len(dm.tokenize_split("val")) == 0 and dm.val_dataloader() == []
 
 
 def test_limits_take_first_rows(prepared):

@@ -5,6 +5,7 @@ The synthetic corpus is built once per module into a temporary DRG_LLAMA_CACHE.
 
 import json
 import os
+import shutil
 
 import lightning as L
 import pandas as pd
@@ -407,7 +408,7 @@ def test_train_reasoner_writes_every_artifact(runs, variant):
     assert test["metrics"]["top1"] == test["metrics"]["pass1_greedy"] and test["metrics"]["n"] == 8
     assert set(results) == {f"{variant} (last)"}
     metrics = pd.read_csv(run_dir / "metrics.csv")
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert state and all("lora_" in k for k in state)  # trainable tensors only
     if variant == "sft":
         assert metrics["train/loss"].notna().sum() == 2 and metrics["val/loss"].notna().any()
@@ -465,6 +466,25 @@ def test_evaluate_and_predict_reasoner_runs(runs, tmp_path):
     )
     with_reasoning = predict_file(run_dir, notes, tmp_path / "pred2.parquet", with_reasoning=True)
     assert "reasoning" in with_reasoning.columns
+
+
+def test_grpo_run_carries_its_sft_adapter(runs, tmp_path):
+    """The SFT adapter merged into a GRPO run's base travels in the run (init_adapter/): a copy of the run predicts
+    the same answers with the SFT run gone."""
+    run_dir, _ = runs["grpo"]
+    sft_dir, _ = runs["sft"]
+    assert (run_dir / "init_adapter" / "adapter_model.safetensors").is_file()
+    notes = tmp_path / "notes.csv"
+    pd.DataFrame({"id": ["a", "b"], "text": ["sepsis with acute kidney injury", "heart failure"]}).to_csv(notes)
+    before = predict_file(run_dir, notes, tmp_path / "before.csv")
+    copy = shutil.copytree(run_dir, tmp_path / "grpo_copy")
+    hidden = sft_dir.with_name("hidden")
+    sft_dir.rename(hidden)
+    try:
+        after = predict_file(copy, notes, tmp_path / "after.csv")
+    finally:
+        hidden.rename(sft_dir)
+    pd.testing.assert_frame_equal(before, after)
 
 
 def test_answer_diversity_shows_mode_collapse():

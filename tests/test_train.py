@@ -5,6 +5,7 @@ The synthetic corpus is built once per session into a temporary DRG_LLAMA_CACHE 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,11 +17,13 @@ import pytest
 import torch
 
 from drg_llama.data.datamodule import DRGDataModule
+from drg_llama.errors import UserError
 from drg_llama.evaluate import evaluate_run
 from drg_llama.models.backbone import BackboneConfig
 from drg_llama.models.classifier import DRGClassifier
 from drg_llama.predict import InputError, predict_file
-from drg_llama.train import CONFIG_DIR, DRGLightningCLI, main
+from drg_llama.runs import Run
+from drg_llama.train import CONFIG_DIR, DRGLightningCLI, main, shipped_config
 from tests.tiny import TINY_LLAMA
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,39 +31,35 @@ TINY = str(CONFIG_DIR / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
-def runs(cache, tmp_path_factory):
-    """One tiny training run per variant (train -> best on val -> test -> baseline)."""
-    out = {}
-    for variant in ("single_label", "two_label"):
-        workdir = tmp_path_factory.mktemp(variant)
-        cwd = os.getcwd()
-        os.chdir(workdir)
-        try:
-            results = main(["--variant", variant, "--config", TINY])
-        finally:
-            os.chdir(cwd)
-        out[variant] = (workdir / "runs" / variant / "version_0", results)
-    return out
+def runs(tiny_runs):
+    """The session's tiny runs (conftest): one per variant, trained once."""
+    return tiny_runs
 
 
 @pytest.mark.parametrize("variant", ["single_label", "two_label"])
 def test_train_writes_every_artifact(runs, variant):
     run_dir, results = runs[variant]
-    for name in ("config.yaml", "metrics.csv", "label_space.json", "test_metrics.json", "baseline/metrics.json"):
+    for name in ("config.yaml", "run.json", "metrics.csv", "label_space.json", "test_metrics.json"):
         assert (run_dir / name).exists(), name
+    assert (run_dir / "baseline" / "metrics.json").exists()
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in checkpoints and any(c.startswith("best-") for c in checkpoints)
     metrics_csv = pd.read_csv(run_dir / "metrics.csv")
     assert "val/top1" in metrics_csv.columns and metrics_csv["train/loss"].notna().any()
     test = json.loads((run_dir / "test_metrics.json").read_text())
-    assert test["variant"] == variant and "best-" in test["checkpoint"]
+    record = json.loads((run_dir / "run.json").read_text())
+    # the tested checkpoint is recorded relative to the run folder, so a copy of the folder finds its own weights
+    assert test["checkpoint"] == record["tested_checkpoint"] and test["checkpoint"].startswith("checkpoints/best-")
+    assert record["recipe"] == "classifier" and record["variant"] == variant and record["selected_on"] == "val"
+    assert sum(record["train_drg_counts"].values()) == 48  # tiny.yaml's limit_train rows
+    assert test["variant"] == variant
     assert {"top1", "top5", "macro_f1_present", "macro_auc", "base_acc", "severity_acc"} <= set(test["metrics"])
     assert set(results) == {f"{variant} (best on val)", "tf-idf + logistic regression", "majority class"}
     space = json.loads((run_dir / "label_space.json").read_text())
     assert space["variant"] == variant
     # the checkpoint holds only the trainable tensors (LoRA + score), not the frozen base
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert state and all("lora_" in k or "score" in k for k in state)
 
 
@@ -138,6 +137,76 @@ def test_cli_errors_are_one_sentence():
         main(["--variant", "three_label"])
     with pytest.raises(SystemExit, match="unknown variant 'dpo'"):
         main(["--variant", "dpo"])
+
+
+def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert shipped_config("configs/models/tiny.yaml") == str(CONFIG_DIR / "models" / "tiny.yaml")
+    assert shipped_config("context/512.yaml") == str(CONFIG_DIR / "context" / "512.yaml")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("data: {}")
+    assert shipped_config("configs/tiny.yaml") == "configs/tiny.yaml"  # a file of the user's own wins
+    assert shipped_config("missing.yaml") == "missing.yaml"  # left for LightningCLI to report
+
+
+def _bad_data_folders(tmp_path: Path, prepared: Path) -> dict[str, tuple[list[str], str]]:
+    """Training options that name an unusable data folder or value, with the message each must give."""
+    not_prepared = tmp_path / "not_prepared"
+    not_prepared.mkdir()
+    empty = tmp_path / "empty"
+    shutil.copytree(prepared, empty)
+    pd.read_parquet(empty / "train.parquet").iloc[:0].to_parquet(empty / "train.parquet")
+    old = tmp_path / "old_version"
+    shutil.copytree(prepared, old)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "drg_version": "v40"}))
+    return {
+        "missing": (["--data.data_dir", str(tmp_path / "nowhere")], "does not exist"),
+        "not prepared": (["--data.data_dir", str(not_prepared)], "is not a prepared folder (no manifest.json)"),
+        "empty": (["--data.data_dir", str(empty)], "train.parquet has no rows"),
+        "version": (["--data.data_dir", str(old)], "prepared with v40 but drg_version is v43"),
+        "max_length": (["--data.max_length", "1"], "max_length must be >= 2"),
+        "batch_size": (["--data.batch_size", "0"], "batch_size and eval_batch_size must be >= 1"),
+        "one class": (["--data.data_dir", str(prepared), "--data.limit_train", "1"], "a single DRG"),
+    }
+
+
+def test_bad_data_options_stop_in_one_line(cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prepared = next(Path(cache).glob("synthetic/*/prepared"))
+    for name, (args, message) in _bad_data_folders(tmp_path, prepared).items():
+        with pytest.raises(SystemExit) as exit_:
+            main(["--variant", "two_label", "--config", TINY, *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err, (name, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    assert not (tmp_path / "runs" / "two_label" / "version_0" / "run.json").exists()  # stopped before training
+    with pytest.raises(UserError, match="max_length"):  # --debug: the exception itself, with its traceback
+        main(["--variant", "two_label", "--config", TINY, "--data.max_length", "1", "--debug"])
+
+
+def test_drg_llama_2023_split_trains_without_validation(cache, tmp_path, monkeypatch):
+    """DRG-LLaMA's split has no validation rows: training must run, and the last weights are tested (never picked on
+    test). Before, datasets refused the empty val.parquet ("Instruction 'train' corresponds to no data")."""
+    from drg_llama.data.mimic import prepare
+
+    raw = next(Path(cache).glob("synthetic/*/raw"))
+    prepared = tmp_path / "paper"
+    prepare(raw, prepared, split="drg_llama_2023")
+    assert len(pd.read_parquet(prepared / "val.parquet")) == 0
+    monkeypatch.chdir(tmp_path)
+    results = main(
+        ["--variant", "two_label", "--config", TINY, "--data.data_dir", str(prepared), "--run_baseline", "false"]
+    )
+    assert list(results) == ["two_label (last; no validation)"]
+    run_dir = tmp_path / "runs" / "two_label" / "version_0"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["tested_checkpoint"] == "checkpoints/last.ckpt" and record["selected_on"] == "last"
+    report = evaluate_run(run_dir)  # nothing to fit the temperature on: T stays 1, nothing breaks
+    assert report["metrics"]["top1"] == pytest.approx(results["two_label (last; no validation)"]["top1"])
+    assert report["calibration"]["temperature"] == 1.0 and report["calibration"]["n_fit"] == 0
+    with pytest.raises(UserError, match="val.parquet has no rows"):
+        evaluate_run(run_dir, "val")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,7 +310,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(cache, tmp_path):
         _fit(tmp_path, "killed", max_epochs=2, kill_at=9)  # mid-way through epoch 2
     # Lightning runs checkpoint callbacks last, so the kill during step 9 left step 8's checkpoint: 2 of epoch 2's
     # 6 batches were trained, 4 remain.
-    assert torch.load(tmp_path / "killed" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)["global_step"] == 8
     resumed_trainer, resumed = _fit(tmp_path, "resumed", max_epochs=2, ckpt_path=str(tmp_path / "killed" / "last.ckpt"))
     assert resumed_trainer.global_step == full_trainer.global_step
     full_state = {n: p for n, p in full.named_parameters() if p.requires_grad}
@@ -250,21 +319,20 @@ def test_resume_mid_epoch_matches_uninterrupted_run(cache, tmp_path):
             torch.testing.assert_close(param, full_state[name], msg=f"{name} differs after resume")
 
 
-def test_load_run_rebuilds_the_same_frozen_base(runs):
-    from drg_llama.evaluate import load_run
-
-    run_dir, _ = runs["two_label"]
-    first, _, _ = load_run(run_dir)
+def test_load_model_rebuilds_the_same_frozen_base(runs):
+    run = Run.open(runs["two_label"][0])
+    first, _ = run.load_model()
     torch.manual_seed(123)  # whatever the global state, the rebuild is seeded as the training run was
-    second, _, _ = load_run(run_dir)
+    second, _ = run.load_model()
     for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
         assert torch.equal(a, b), name
 
 
-def test_cli_resume_continues_the_same_run_directory(runs):
-    """Runs last in this module: it extends the two_label run by one epoch."""
-    run_dir, _ = runs["two_label"]
-    workdir = run_dir.parent.parent.parent
+def test_cli_resume_continues_the_same_run_directory(runs, tmp_path):
+    """Extends a copy of the two_label run by one epoch."""
+    workdir = tmp_path / "work"
+    shutil.copytree(runs["two_label"][0].parent.parent.parent, workdir)
+    run_dir = workdir / "runs" / "two_label" / "version_0"
     cwd = os.getcwd()
     os.chdir(workdir)
     try:
@@ -289,7 +357,7 @@ def test_cli_resume_continues_the_same_run_directory(runs):
     trained = metrics[metrics["train/loss"].notna()]
     assert set(trained["epoch"]) == {0, 1}  # the first epoch's rows survive, the second epoch's are appended
     assert trained["step"].is_monotonic_increasing
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
 
 
 def test_qlora_cli_trains_a_local_pretrained_folder_with_packing(cache, tmp_path, monkeypatch):

@@ -20,6 +20,8 @@ Choices, and why:
 * **Label space without tokenising.** ``label_space`` is a lazy property: the first access resolves the data folder
   (building the embedded default if needed), checks the manifest's DRG version and reads only the ``drg_code``
   column of the training rows. Classes are the DRGs of the rows trained on (after ``limit_train``).
+* **A trained run's classes.** ``evaluate`` and ``predict`` hand the run's own label space in (``use_label_space``)
+  instead of deriving one from ``train.parquet``: a run scores any prepared folder without its training data.
 * **Unseen DRGs are kept.** Val/test admissions whose DRG is not a class (not seen in training) keep label -1, so they
   count as errors; the count is logged once per split. Dropping them would inflate accuracy.
 * **Tokenise once.** Each split is tokenised with ``datasets`` ``map(batched=True)`` into an Arrow file keyed by
@@ -65,12 +67,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from drg_llama.drg import SEVERITIES, LabelSpace, get_table, resolve_version
+from drg_llama.errors import UserError
 from drg_llama.models.backbone import SMOLLM2_NAME, BackboneConfig, default_cache_dir, load_tokenizer
 from drg_llama.models.packing import PackedCollator, pack_sequences, packed_tokens
 
@@ -545,20 +549,20 @@ class DRGDataModule(LightningDataModule):
     ):
         super().__init__()
         if pack_tokens is not None and pack_tokens < max_length:
-            raise ValueError(f"pack_tokens ({pack_tokens}) must be >= max_length ({max_length}): every note must fit")
+            raise UserError(f"pack_tokens ({pack_tokens}) must be >= max_length ({max_length}): every note must fit")
         if variant not in ("single_label", "two_label"):
-            raise ValueError(f"variant must be 'single_label' or 'two_label', got {variant!r}")
+            raise UserError(f"variant must be 'single_label' or 'two_label', got {variant!r}")
         if truncation not in TRUNCATIONS:
-            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+            raise UserError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
         if padding_side not in (None, "left", "right"):
-            raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
+            raise UserError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
         if max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {max_length}")
+            raise UserError(f"max_length must be >= 2, got {max_length}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError("batch_size and eval_batch_size must be >= 1")
+            raise UserError("batch_size and eval_batch_size must be >= 1")
         for name, limit in (("limit_train", limit_train), ("limit_val", limit_val), ("limit_test", limit_test)):
             if limit is not None and limit < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {limit}")
+                raise UserError(f"{name} must be >= 1 or None, got {limit}")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.variant = variant
@@ -605,47 +609,78 @@ class DRGDataModule(LightningDataModule):
         return self._folder
 
     def _check_folder(self, folder: Path) -> None:
+        if not folder.is_dir():
+            raise UserError(
+                f"data folder {folder} does not exist; create it with `python -m drg_llama.data prepare --mimic-root "
+                f"ROOT --out {folder}`, or leave data_dir unset for the embedded synthetic corpus."
+            )
         manifest_path = folder / "manifest.json"
         if not manifest_path.is_file():
-            raise FileNotFoundError(
+            raise UserError(
                 f"{folder} is not a prepared folder (no manifest.json); create one with "
                 f"`python -m drg_llama.data prepare --mimic-root ROOT --out {folder}`, or leave data_dir unset for "
                 "the embedded synthetic corpus."
             )
-        manifest = json.loads(manifest_path.read_text())
-        prepared = manifest.get("drg_version")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            prepared = manifest.get("drg_version")
+        except (ValueError, AttributeError):
+            raise UserError(
+                f"{manifest_path} is not a prepare manifest; re-run python -m drg_llama.data prepare"
+            ) from None
         if prepared is None or resolve_version(prepared) != self.drg_version:
-            raise ValueError(
+            raise UserError(
                 f"{folder} was prepared with {prepared} but drg_version is {self.drg_version}; re-run prepare or set "
                 f"--data.drg_version {prepared}"
             )
         missing = [s for s in SPLITS if not (folder / f"{s}.parquet").is_file()]
         if missing:
-            raise FileNotFoundError(f"{folder} lacks {', '.join(s + '.parquet' for s in missing)}; re-run prepare.")
+            raise UserError(f"{folder} lacks {', '.join(s + '.parquet' for s in missing)}; re-run prepare.")
 
     @property
     def label_space(self) -> LabelSpace:
-        """Classes of this run: the DRGs of the training rows (two_label: their whole families). No tokenising."""
+        """Classes of this run: the DRGs of the training rows (two_label: their whole families). No tokenising.
+
+        A training set needs two DRGs at least: with one, every prediction is right by construction.
+        """
         if self._label_space is None:
             codes = self._read_columns("train", ["drg_code"])["drg_code"]
+            path = self.prepared_dir / "train.parquet"
             if not len(codes):
-                raise ValueError(f"{self.prepared_dir / 'train.parquet'} has no rows; nothing to train on.")
+                raise UserError(f"{path} has no rows; nothing to train on (prepare more admissions).")
+            if codes.nunique() < 2:
+                raise UserError(
+                    f"{path} has a single DRG ({int(codes.iloc[0])}) in the rows trained on; a classifier needs two "
+                    "at least (raise data.limit_train or prepare more admissions)."
+                )
             self._label_space = LabelSpace.build(self.drg_version, self.variant, codes.unique().tolist())
         return self._label_space
+
+    def use_label_space(self, space: LabelSpace) -> None:
+        """Use a trained run's classes instead of deriving them from ``train.parquet`` (evaluation, prediction).
+
+        DRGs of the scored rows outside ``space`` keep label -1 and count as errors.
+        """
+        if resolve_version(space.version) != self.drg_version:
+            raise UserError(f"the label space is {space.version} but drg_version is {self.drg_version}")
+        self._label_space = space
 
     def _read_columns(self, split: str, columns: list[str]) -> pd.DataFrame:
         """The first ``limit`` rows of a split, given columns only (never loads the text unless asked)."""
         path = self.prepared_dir / f"{split}.parquet"
         limit = self.limits[split]
-        if limit is None:
-            return pq.read_table(path, columns=columns).to_pandas()
-        parts, total = [], 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=min(limit, 65_536), columns=columns):
-            parts.append(batch.to_pandas())
-            total += batch.num_rows
-            if total >= limit:
-                break
-        frame = pd.concat(parts, ignore_index=True) if parts else pq.read_table(path, columns=columns).to_pandas()
+        try:
+            if limit is None:
+                return pq.read_table(path, columns=columns).to_pandas()
+            parts, total = [], 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=min(limit, 65_536), columns=columns):
+                parts.append(batch.to_pandas())
+                total += batch.num_rows
+                if total >= limit:
+                    break
+            frame = pd.concat(parts, ignore_index=True) if parts else pq.read_table(path, columns=columns).to_pandas()
+        except (pa.ArrowException, OSError) as err:
+            raise UserError(f"{path} is not a readable prepared split ({type(err).__name__}); re-run prepare") from None
         return frame.iloc[:limit].reset_index(drop=True)
 
     def split_frame(self, split: str) -> pd.DataFrame:
@@ -738,6 +773,16 @@ class DRGDataModule(LightningDataModule):
         import datasets
 
         _check_split(split)
+        features = datasets.Features(
+            {
+                "hadm_id": datasets.Value("int64"),
+                "input_ids": datasets.List(datasets.Value("int32")),
+                "length": datasets.Value("int32"),
+            }
+        )
+        if not pq.ParquetFile(self.prepared_dir / f"{split}.parquet").metadata.num_rows:
+            # An empty split (drg_llama_2023 has no validation rows): datasets cannot read an empty Parquet file.
+            return datasets.Dataset.from_dict({"hadm_id": [], "input_ids": [], "length": []}, features=features)
         path = self.tokenized_path(split)
         if path.is_file():
             return datasets.Dataset.from_file(str(path))
@@ -747,13 +792,6 @@ class DRGDataModule(LightningDataModule):
             ids = encode_texts(tokenizer, batch["text"], max_length, truncation)
             return {"input_ids": ids, "length": [len(x) for x in ids]}
 
-        features = datasets.Features(
-            {
-                "hadm_id": datasets.Value("int64"),
-                "input_ids": datasets.List(datasets.Value("int32")),
-                "length": datasets.Value("int32"),
-            }
-        )
         # from_parquet copies the split into an Arrow file; that copy (with the text) lives in a temporary folder
         # and is deleted, only the tokenised file (no text) is kept.
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".hf-") as tmp:
@@ -801,8 +839,8 @@ class DRGDataModule(LightningDataModule):
             self.unseen_counts[split] = unseen
             if unseen:
                 logger.warning(
-                    "%s: %d of %d admissions have a DRG that is not a class (unseen in training); they are kept "
-                    "with label -1 and count as errors.",
+                    "%s: %d of %d admissions have a DRG that is not a class of the label space (unseen in "
+                    "training); they are kept with label -1 and count as errors.",
                     split,
                     unseen,
                     len(frame),
@@ -903,6 +941,10 @@ class DRGDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test batches sorted by length."""
         return self._loader("test", train=False)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Batches of any split in evaluation order (sorted by length, nothing shuffled or skipped)."""
+        return self._loader(split, train=False)
 
     def set_predict_texts(self, texts: list[str], ids: list | None = None) -> None:
         """Make ``predict_dataloader`` serve these texts instead of the test split."""

@@ -282,7 +282,8 @@ def _read_header(path: Path, required: tuple[str, ...]) -> list[str]:
         hint = ""
         if len(columns) == 1 and any(sep in columns[0] for sep in "\t;|"):
             hint = " — the header is one column; the file looks tab/semicolon/pipe-separated, expected commas"
-        raise DataError(path, f"missing column(s) {missing}; found {columns}{hint}")
+        # The names found are not echoed: in a file without a header line they are the first note's words.
+        raise DataError(path, f"missing column(s) {missing} in the header line ({len(columns)} columns){hint}")
     return columns
 
 
