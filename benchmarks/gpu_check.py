@@ -7,8 +7,9 @@ Stages (``gpu_check.sh`` runs them with timeouts under one deadline): ``env`` (v
 ``train`` (the two_label CLI on a small random LLaMA: precision policy, packing, test, baseline), ``qlora_cli``
 (4-bit base from a local folder through the CLI), ``grpo`` (SFT then GRPO with gradient checkpointing), ``fsdp``
 (FSDP on one device: checkpoints keep the LoRA tensors, the adapter is saved), ``flex`` (flex_attention training
-on packed rows, and packed flex logits against padded sdpa logits), ``throughput`` (train_throughput.py --preset
-check), ``qlora_7b`` (QLoRA 4-bit LLaMA-2-7B shape, alone in its process), ``rollout`` (rollout_throughput.py).
+on packed rows, and packed flex logits against padded sdpa logits), ``gpu_tests`` (``pytest -m gpu``),
+``throughput`` (train_throughput.py --preset check), ``qlora_7b`` (QLoRA 4-bit LLaMA-2-7B shape, alone in its
+process), ``rollout`` (rollout_throughput.py).
 
 With ``--device cpu`` every stage runs its CPU form with tiny shapes (the test suite's dry run): what CPU kernels
 cannot do (FSDP under Lightning, flex_attention's backward) is replaced by the config check or the clear error
@@ -46,7 +47,7 @@ SMALL_LLAMA = {
 #: Sizes that bitsandbytes' CPU 4-bit kernels accept too (outputs multiples of 32, inputs of 64).
 QLORA_LLAMA = {**SMALL_LLAMA, "hidden_size": 64, "intermediate_size": 128}
 #: The stages import torch themselves, so that ``summarize`` (run after every stage) starts in a blink.
-STAGES = ("env", "train", "qlora_cli", "grpo", "fsdp", "flex", "throughput", "qlora_7b", "rollout")
+STAGES = ("env", "train", "qlora_cli", "grpo", "fsdp", "flex", "gpu_tests", "throughput", "qlora_7b", "rollout")
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
@@ -321,6 +322,33 @@ def stage_flex(args) -> dict:
         "metrics": {name: _headline(m) for name, m in results.items()},
         "peak_gb": _peak_gb(args.device),
     }
+
+
+def stage_gpu_tests(args) -> dict:
+    """``pytest -m gpu``: the CUDA-only assertions of tests/test_gpu.py (skipped on a CPU)."""
+    import subprocess
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "gpu",
+            str(REPO / "tests" / "test_gpu.py"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
+    print(done.stdout[-4000:], done.stderr[-2000:])
+    if done.returncode not in (0, 5):  # 5: nothing collected
+        raise RuntimeError(f"pytest -m gpu: {summary}")
+    return {"pytest": summary}
 
 
 def stage_throughput(args) -> dict:

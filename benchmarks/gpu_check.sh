@@ -7,20 +7,22 @@
 #
 # Stages run each in its own process under its own timeout, inside one global deadline (--deadline seconds, 470 on
 # a GPU), so a failure or an overrun never loses the rest. The functional stages (train, qlora_cli, grpo, fsdp,
-# flex: tiny models) run side by side first (one after another on a CPU); the timed ones (throughput, qlora_7b,
-# rollout) then run alone, so nothing else shares the GPU while they are measured. GPU_CHECK_THROUGHPUT_ARGS
-# replaces the throughput stage's arguments (default: --preset check). After every stage the figures so far are merged into
+# flex, gpu_tests: tiny models) run side by side first (one after another on a CPU); the timed ones (throughput,
+# qlora_7b, rollout) then run alone, so nothing else shares the GPU while they are measured.
+# GPU_CHECK_THROUGHPUT_ARGS replaces the throughput stage's arguments (default: --preset check).
+# After every stage the figures so far are merged into
 # results.json and summary.md in the results folder, and the stage's log is appended to logs.txt.
 #
 # Wheels for packages the GPU image lacks travel in .whl/ (benchmarks/gpu_wheels.txt says which and how to fetch
 # them) and are installed into a scratch folder first; nothing is installed system-wide.
 set -uo pipefail
 
+main() {
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DEVICE=cuda
 DEADLINE=""
 DEST=""
-STAGES=env,train,qlora_cli,grpo,fsdp,flex,throughput,qlora_7b,rollout
+STAGES=env,train,qlora_cli,grpo,fsdp,flex,gpu_tests,throughput,qlora_7b,rollout
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE=$2; shift 2 ;;
@@ -93,7 +95,7 @@ mkdir -p "$RESULTS/stages"
 run_stage env 120; finish_stage env
 
 # --- functional stages, side by side (tiny models; their timings are not figures) -----------------------------
-FUNCTIONAL=(train qlora_cli grpo fsdp flex)
+FUNCTIONAL=(train qlora_cli grpo fsdp flex gpu_tests)
 if [ "$DEVICE" = cuda ]; then
     for name in "${FUNCTIONAL[@]}"; do run_stage "$name" 180 & done
     wait
@@ -110,3 +112,7 @@ run_stage rollout 100; finish_stage rollout
 log "done in $(( $(date +%s) - START )) s; results in $DEST"
 cat "$DEST/summary.md"
 rm -rf "$WORK"
+}
+
+# Parsed whole before it runs: editing or pulling the file during a run cannot change the running check.
+main "$@"

@@ -110,6 +110,17 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_SCENARIOS = "fixed512,fixed1024,var1024,var2048,var4096"
+# The embedded demo's model on a CPU: SmolLM2-135M cut to its first 4 decoder layers (the CPU padding comparison).
+SHAPES["smollm2-4l"] = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+}
 # bitsandbytes' CPU kernels need quantized layers with outputs a multiple of 32 and inputs a multiple of 64.
 SHAPES["tiny-qlora"] = {**SHAPES["tiny-llama"], "num_key_value_heads": 4}
 SHAPE_ALIASES = {"7b": ["llama2-7b", "qwen2.5-7b"], "tiny": ["tiny-llama", "tiny-qwen2"]}

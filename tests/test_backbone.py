@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from drg_llama.models import backbone
 from drg_llama.models.backbone import (
@@ -285,8 +286,37 @@ def test_fsdp_wrapped_names_match_checkpoint_keys(tmp_path):
         assert len(checkpoint["state_dict"]) == len(names)  # every LoRA matrix and the head, nothing frozen
         assert all("lora_" in k or "score" in k for k in checkpoint["state_dict"])
         check_trainable_tensors(wrapped, checkpoint)  # no "checkpoint lacks N trainable tensors"
+        # The adapter from the gathered state dict: PEFT's save_pretrained found the LoRA layers by module name and,
+        # with FSDP's wrapper names in the way, wrote the head alone (first H200 run: 1 tensor instead of 17).
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+            whole = wrapped.state_dict()
+        module.save_adapter(str(tmp_path / "adapter"), whole)
+        saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+        assert len(saved) == len(names) and sum("lora_B" in k for k in saved) == 8
     finally:
         dist.destroy_process_group()
+
+
+def test_adapter_writer_equals_peft_save_pretrained_and_reloads(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = _tiny_classifier()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.nn.init.normal_(param, std=0.1)  # LoRA B starts at zero: make every saved tensor distinct
+    model.save_adapter(str(tmp_path / "ours"))
+    model.model.save_pretrained(tmp_path / "peft", safe_serialization=True)
+    ours, theirs = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "peft"))
+    assert set(ours) == set(theirs) and len(ours) == 17
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    torch.manual_seed(0)  # the same random base as _tiny_classifier builds
+    base, _ = build_classifier_backbone(BackboneConfig(random_init=dict(TINY["llama"]), lora_r=0), 3)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "ours").eval()
+    ids = torch.randint(3, 250, (2, 9))
+    with torch.no_grad():
+        expected = pooled_logits(model.model.eval(), ids, torch.ones_like(ids))
+        torch.testing.assert_close(pooled_logits(reloaded, ids, torch.ones_like(ids)), expected)
 
 
 @pytest.mark.slow

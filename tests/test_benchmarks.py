@@ -96,12 +96,13 @@ def test_gpu_check_dry_run_passes_every_stage_on_cpu(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     failed = {name: st.get("error") for name, st in results.items() if not st["ok"]}
     assert not failed, failed
-    assert set(results) == {"env", "train", "qlora_cli", "grpo", "fsdp", "flex", "throughput", "qlora_7b", "rollout"}
+    stages = {"env", "train", "qlora_cli", "grpo", "fsdp", "flex", "gpu_tests", "throughput", "qlora_7b", "rollout"}
+    assert set(results) == stages
     train = results["train"]["figures"]["probe"]
     assert train["frozen_matrix_dtypes"] == ["torch.bfloat16"] and train["trainable_dtypes"] == ["torch.float32"]
     assert results["qlora_cli"]["figures"]["probe"]["linear4bit_layers"] > 0
     assert "no backward pass on a CPU" in results["flex"]["figures"]["cpu_training_error"]
     assert results["flex"]["figures"]["packed_flex_vs_padded_sdpa_max_abs"] < 1e-4
     assert results["grpo"]["figures"]["grpo_train_rewards"]
-    assert (tmp_path / "summary.md").read_text().count("| True |") == 9
+    assert (tmp_path / "summary.md").read_text().count("| True |") == len(stages)
     assert not results["env"]["figures"]["drg_package_imported"]

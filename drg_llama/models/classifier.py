@@ -35,6 +35,7 @@ from drg_llama.models.backbone import (
     check_training_setup,
     keep_trainable_tensors,
     pooled_logits,
+    save_adapter,
 )
 from drg_llama.models.packing import is_packed, packed_logits
 
@@ -264,9 +265,7 @@ class DRGClassifier(L.LightningModule):
                 FSDP each rank holds a shard, so every rank calls ``trainer.strategy.lightning_module_state_dict()``
                 and rank 0 passes the gathered result here. None saves the module's own tensors.
         """
-        if state_dict is not None:
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
-        self.model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        save_adapter(self, "model", folder, state_dict)
 
 
 def _gather_ragged(module: L.LightningModule, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

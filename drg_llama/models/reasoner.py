@@ -67,6 +67,7 @@ from drg_llama.models.backbone import (
     check_training_setup,
     keep_trainable_fp32,
     keep_trainable_tensors,
+    save_adapter,
 )
 from drg_llama.models.rewards import (
     REWARD_FUNCTIONS,
@@ -1248,7 +1249,7 @@ class DRGReasoner(L.LightningModule):
 
     def save_adapter(self, folder: str) -> None:
         """Write the LoRA adapter as safetensors (PEFT layout)."""
-        self.model.save_pretrained(folder, safe_serialization=True)
+        save_adapter(self, "model", folder)
 
 
 __all__ = [
