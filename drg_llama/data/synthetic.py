@@ -48,8 +48,6 @@ import functools
 import gzip
 import importlib.resources
 import io
-import json
-import lzma
 import math
 import multiprocessing
 import os
@@ -64,6 +62,7 @@ from pathlib import Path
 
 from drg_llama.data import _synth_vocab as V
 from drg_llama.drg import ERROR_DRGS, abbreviate_title, get_table, msdrg_version, resolve_version, split_severity_phrase
+from drg_llama.drg.tables import definitions
 
 DISCHARGE_COLUMNS = ("note_id", "subject_id", "hadm_id", "note_type", "note_seq", "charttime", "storetime", "text")
 DRGCODES_COLUMNS = ("subject_id", "hadm_id", "drg_type", "drg_code", "description", "drg_severity", "drg_mortality")
@@ -135,12 +134,6 @@ def _pcs_titles() -> dict[str, str]:
         return {row[0]: row[1] for row in csv.reader(fh) if len(row) >= 2}
 
 
-@functools.cache
-def _drgpy_data(version: str) -> dict:
-    with _package_file("drgpy", "runtime_data", f"{version}.json.xz").open("rb") as fh:
-        return json.loads(lzma.decompress(fh.read()))
-
-
 def _cumulative(weights: Sequence[float]) -> tuple[float, ...]:
     total, out = 0.0, []
     for w in weights:
@@ -162,7 +155,7 @@ def _tables(drg_version: str) -> _Tables:
     """Everything the sampler needs for one MS-DRG version, derived from the installed CMS-based tables."""
     version = resolve_version(drg_version)
     grouper_version = msdrg_version(version)
-    raw = _drgpy_data(version)
+    raw = definitions(version)
     cm, pcs = _cm_titles(), _pcs_titles()
     drgmap = raw["drgmap"]
     level = {code: rec["level"] for code, rec in raw["ccmap"].items()}

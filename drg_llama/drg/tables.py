@@ -96,11 +96,17 @@ def split_severity_phrase(title: str) -> tuple[str, str | None]:
     Returns ``(stem, phrase)``; the phrase is None for an unsplit DRG. Anything after the phrase ("... WITH MCC OR
     TPA IN 24 HOURS") is an alternative route into the same DRG and is not part of the stem.
     """
+    stem, phrase, _ = split_title(title)
+    return stem, phrase
+
+
+def split_title(title: str) -> tuple[str, str | None, str]:
+    """``(stem, severity phrase, text after it)`` of an upper-case DRG title; ``(title, None, "")`` if unsplit."""
     matches = list(_SEVERITY_RE.finditer(title))
     if not matches:
-        return title.strip(), None
+        return title.strip(), None, ""
     last = matches[-1]
-    return title[: last.start()].strip(" ,"), last.group(1)
+    return title[: last.start()].strip(" ,"), last.group(1), title[last.end() :].strip(" ,")
 
 
 @dataclass(frozen=True)
@@ -273,12 +279,19 @@ _TABLE5_VERSIONS = ("v43", "v43.1")
 
 
 @functools.cache
-def get_table(version: str | int = "v43") -> DRGTable:
-    """The DRG table of one MS-DRG version (loaded once, then cached)."""
+def definitions(version: str | int) -> dict:
+    """drgpy's raw definitions of one version (``drgmap``, ``dxmap``, ``prmap``, ``ccmap``, ...), loaded once."""
     name = resolve_version(version)
     path = importlib.resources.files("drgpy") / "runtime_data" / _drgpy_files()[name]
     with path.open("rb") as fh:
-        raw = json.loads(lzma.decompress(fh.read()))["drgmap"]
+        return json.loads(lzma.decompress(fh.read()))
+
+
+@functools.cache
+def get_table(version: str | int = "v43") -> DRGTable:
+    """The DRG table of one MS-DRG version (loaded once, then cached)."""
+    name = resolve_version(version)
+    raw = definitions(name)["drgmap"]
     table5 = _cms_table5() if name in _TABLE5_VERSIONS else {}
     drgs: dict[int, DRG] = {}
     for key, rec in raw.items():
