@@ -33,7 +33,6 @@ import json
 import math
 import re
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +43,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from drg_llama import __version__
+from drg_llama.data.csvfiles import DataError, check_text, int_column, iter_csv, read_header
 from drg_llama.drg import ERROR_DRGS, TitleMapping, get_table, map_title, resolve_version
 
 DEFAULT_MIN_WORDS = 40
@@ -92,21 +92,6 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 _SEVERITY_ORDER = ("NONE", "CC", "MCC")
-
-
-class DataError(ValueError):
-    """Bad input data, with the file and (data) row it was found at.
-
-    Attributes:
-        file: Path of the offending file.
-        row: 1-based data row (the header is row 0), or None when the problem is the whole file.
-    """
-
-    def __init__(self, file: str | Path, message: str, row: int | None = None):
-        self.file = str(file)
-        self.row = row
-        where = f"{self.file}, row {row}" if row is not None else self.file
-        super().__init__(f"{where}: {message}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -268,79 +253,6 @@ def find_inputs(
     return found[0], found[1]
 
 
-def _read_header(path: Path, required: tuple[str, ...]) -> list[str]:
-    """Read and check a CSV header; returns the column names."""
-    try:
-        header = pd.read_csv(path, nrows=0, encoding_errors="surrogateescape")
-    except pd.errors.EmptyDataError:
-        raise DataError(path, "file is empty (no header line)") from None
-    except (pd.errors.ParserError, OSError, EOFError) as err:
-        raise DataError(path, f"cannot read the CSV header ({err})") from None
-    columns = [str(c).strip() for c in header.columns]
-    missing = [c for c in required if c not in columns]
-    if missing:
-        hint = ""
-        if len(columns) == 1 and any(sep in columns[0] for sep in "\t;|"):
-            hint = " — the header is one column; the file looks tab/semicolon/pipe-separated, expected commas"
-        raise DataError(path, f"missing column(s) {missing}; found {columns}{hint}")
-    return columns
-
-
-def _iter_csv(path: Path, usecols: list[str], chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame]]:
-    """Yield (first data row number, chunk) with every column as Python str, bad bytes kept as surrogates."""
-    # All columns are parsed (no usecols): with usecols pandas silently accepts rows with extra fields, which is how
-    # an unquoted comma or a shifted row shows up.
-    reader = pd.read_csv(
-        path,
-        dtype=object,  # pandas 3's default string dtype is Arrow-backed and would reject surrogate-escaped bytes
-        na_filter=False,  # empty cells stay "" so a missing id is reported as such, not as NaN
-        encoding_errors="surrogateescape",
-        chunksize=chunk_rows,
-    )
-    first = 1
-    try:
-        for chunk in reader:
-            yield first, chunk[usecols]
-            first += len(chunk)
-    except pd.errors.ParserError as err:
-        # pandas' message names the physical line; notes span several lines, so give the data row reached too.
-        raise DataError(path, f"malformed CSV after data row {first - 1}: {err}") from None
-    except (OSError, EOFError) as err:
-        raise DataError(path, f"cannot read after data row {first - 1}: {err}") from None
-
-
-def _int_column(values: pd.Series, path: Path, first_row: int, name: str) -> np.ndarray:
-    """Parse a column of non-negative integers, raising DataError at the first bad cell."""
-    try:
-        parsed = values.to_numpy().astype(np.int64)  # fast path: int() per cell, accepts " 12" but not "1.5" or ""
-        if len(parsed) == 0 or parsed.min() >= 0:
-            return parsed
-    except (ValueError, OverflowError):
-        pass
-    ok = values.str.strip().str.fullmatch(r"\d{1,18}")
-    i = int(np.flatnonzero(~ok.to_numpy(dtype=bool))[0])
-    bad = values.iloc[i]
-    shown = "an empty value" if not bad.strip() else f"{bad[:30]!r}"
-    raise DataError(path, f"{name} is {shown}, expected an integer", row=first_row + i)
-
-
-def _check_utf8(values: pd.Series, path: Path, name: str) -> None:
-    """Raise DataError naming the row of the first cell with non-UTF-8 bytes (short columns only).
-
-    The chunk index of ``pd.read_csv(chunksize=...)`` runs on across chunks, so index + 1 is the data row.
-    """
-    try:
-        "".join(values).encode("utf-8")  # one check per chunk; look for the row only when it fails
-        return
-    except UnicodeEncodeError:
-        pass
-    for index, value in values.items():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(path, f"{name} has bytes that are not UTF-8", row=int(index) + 1) from None
-
-
 def _file_info(path: Path) -> dict:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -356,17 +268,17 @@ def _file_info(path: Path) -> dict:
 
 def _read_drgcodes(path: Path, version: str, chunk_rows: int, progress: bool) -> tuple[pd.DataFrame, dict]:
     """One row per admission in drgcodes: subject_id, label reason/detail, target DRG and raw HCFA title."""
-    _read_header(path, DRG_COLUMNS)
+    read_header(path, DRG_COLUMNS)
     parts = []
     mapping_cache: dict[str, TitleMapping] = {}  # map_title once per distinct title, not per row
     with tqdm(desc="drgcodes", unit=" rows", disable=not progress) as bar:
-        for first, chunk in _iter_csv(path, list(DRG_COLUMNS), chunk_rows * 20):
-            hadm = _int_column(chunk["hadm_id"], path, first, "hadm_id")
-            subject = _int_column(chunk["subject_id"], path, first, "subject_id")
+        for first, chunk in iter_csv(path, list(DRG_COLUMNS), chunk_rows * 20):
+            hadm = int_column(chunk["hadm_id"], path, first, "hadm_id")
+            subject = int_column(chunk["subject_id"], path, first, "subject_id")
             is_hcfa = (chunk["drg_type"].str.strip().str.upper() == "HCFA").to_numpy()
             titles = chunk["description"].str.strip()
             hcfa_titles = titles[is_hcfa]
-            _check_utf8(hcfa_titles, path, "description")  # cheap: titles are short
+            check_text(hcfa_titles, path, "description")  # cheap: titles are short
             parts.append(
                 pd.DataFrame(
                     {
@@ -444,24 +356,24 @@ def _scan_notes(
     path: Path, spill: Path | None, min_words: int, max_words: int, chunk_rows: int, progress: bool
 ) -> pd.DataFrame:
     """One metadata row per note (status, words, digest); usable courses go to ``spill`` (if given) keyed by row."""
-    columns = _read_header(path, NOTE_COLUMNS)
+    columns = read_header(path, NOTE_COLUMNS)
     usecols = list(NOTE_COLUMNS) + [c for c in ("note_id", "note_seq") if c in columns]
     meta: dict[str, list] = {k: [] for k in ("row", "hadm_id", "subject_id", "note_id", "note_seq", "status")}
     meta.update(detail=[], n_words=[], digest=[], rule=[])
     writer = None if spill is None else pq.ParquetWriter(spill, pa.schema([("row", pa.int64()), ("text", pa.string())]))
     try:
         with tqdm(desc="notes", unit=" notes", disable=not progress) as bar:
-            for first, chunk in _iter_csv(path, usecols, chunk_rows):
+            for first, chunk in iter_csv(path, usecols, chunk_rows):
                 rows = np.arange(first, first + len(chunk), dtype=np.int64)
                 meta["row"].append(rows)
-                meta["hadm_id"].append(_int_column(chunk["hadm_id"], path, first, "hadm_id"))
-                meta["subject_id"].append(_int_column(chunk["subject_id"], path, first, "subject_id"))
+                meta["hadm_id"].append(int_column(chunk["hadm_id"], path, first, "hadm_id"))
+                meta["subject_id"].append(int_column(chunk["subject_id"], path, first, "subject_id"))
                 if "note_seq" in chunk:
-                    meta["note_seq"].append(_int_column(chunk["note_seq"], path, first, "note_seq"))
+                    meta["note_seq"].append(int_column(chunk["note_seq"], path, first, "note_seq"))
                 else:
                     meta["note_seq"].append(np.zeros(len(chunk), dtype=np.int64))
                 if "note_id" in chunk:
-                    _check_utf8(chunk["note_id"], path, "note_id")
+                    check_text(chunk["note_id"], path, "note_id")
                     meta["note_id"].extend(chunk["note_id"].tolist())
                 else:
                     meta["note_id"].extend([None] * len(chunk))
