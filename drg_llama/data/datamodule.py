@@ -18,7 +18,8 @@ With LightningCLI the label space goes to the model with
 Choices, and why:
 
 * **Label space without tokenising.** ``label_space`` is a lazy property: the first access resolves the data folder
-  (building the embedded default if needed), checks the manifest's DRG version and reads only the ``drg_code``
+  (building the embedded default if needed), checks every file against the manifest (size, rows, SHA-256: a folder
+  that was modified or half-copied is refused) and the manifest's DRG version, and reads only the ``drg_code``
   column of the training rows. Classes are the DRGs of the rows trained on (after ``limit_train``).
 * **Unseen DRGs are kept.** Val/test admissions whose DRG is not a class (not seen in training) keep label -1, so they
   count as errors; the count is logged once per split. Dropping them would inflate accuracy.
@@ -70,6 +71,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from drg_llama.data.prepared import verify as verify_prepared
 from drg_llama.drg import SEVERITIES, LabelSpace, get_table, resolve_version
 from drg_llama.models.backbone import SMOLLM2_NAME, BackboneConfig, default_cache_dir, load_tokenizer
 from drg_llama.models.packing import PackedCollator, pack_sequences, packed_tokens
@@ -476,10 +478,10 @@ def embedded_default_dir(n: int, seed: int, drg_version: str, cache_dir: str | P
 
 def _manifest_ok(folder: Path, version: str) -> bool:
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = verify_prepared(folder)
+    except (OSError, ValueError):  # absent, or not what its manifest says: rebuild it
         return False
-    return manifest.get("drg_version") == version and all((folder / f"{s}.parquet").is_file() for s in SPLITS)
+    return manifest.get("drg_version") == version
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -605,14 +607,13 @@ class DRGDataModule(LightningDataModule):
         return self._folder
 
     def _check_folder(self, folder: Path) -> None:
-        manifest_path = folder / "manifest.json"
-        if not manifest_path.is_file():
+        if not (folder / "manifest.json").is_file():
             raise FileNotFoundError(
                 f"{folder} is not a prepared folder (no manifest.json); create one with "
                 f"`python -m drg_llama.data prepare --mimic-root ROOT --out {folder}`, or leave data_dir unset for "
                 "the embedded synthetic corpus."
             )
-        manifest = json.loads(manifest_path.read_text())
+        manifest = verify_prepared(folder)  # every file's size, rows and checksum match the manifest
         prepared = manifest.get("drg_version")
         if prepared is None or resolve_version(prepared) != self.drg_version:
             raise ValueError(

@@ -68,12 +68,45 @@ DISCHARGE_COLUMNS = ("note_id", "subject_id", "hadm_id", "note_type", "note_seq"
 DRGCODES_COLUMNS = ("subject_id", "hadm_id", "drg_type", "drg_code", "description", "drg_severity", "drg_mortality")
 DIAGNOSES_COLUMNS = ("subject_id", "hadm_id", "seq_num", "icd_code", "icd_version")
 PROCEDURES_COLUMNS = ("subject_id", "hadm_id", "seq_num", "chartdate", "icd_code", "icd_version")
+PATIENTS_COLUMNS = ("subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod")
+ADMISSIONS_COLUMNS = (
+    "subject_id",
+    "hadm_id",
+    "admittime",
+    "dischtime",
+    "deathtime",
+    "admission_type",
+    "admit_provider_id",
+    "admission_location",
+    "discharge_location",
+    "insurance",
+    "language",
+    "marital_status",
+    "race",
+    "edregtime",
+    "edouttime",
+    "hospital_expire_flag",
+)
 
 FILES = {
     "discharge": ("note", "discharge.csv.gz", DISCHARGE_COLUMNS),
     "drgcodes": ("hosp", "drgcodes.csv.gz", DRGCODES_COLUMNS),
     "diagnoses": ("hosp", "diagnoses_icd.csv.gz", DIAGNOSES_COLUMNS),
     "procedures": ("hosp", "procedures_icd.csv.gz", PROCEDURES_COLUMNS),
+    "patients": ("hosp", "patients.csv.gz", PATIENTS_COLUMNS),
+    "admissions": ("hosp", "admissions.csv.gz", ADMISSIONS_COLUMNS),
+}
+
+# CMS discharge status of a stay -> MIMIC-IV's admissions.discharge_location (the inverse of what prepare reads,
+# drg_llama.data.grouping.DISCHARGE_STATUS, for every status the sampler draws).
+_DISCHARGE_LOCATION = {
+    1: "HOME",
+    2: "ACUTE HOSPITAL",
+    3: "SKILLED NURSING FACILITY",
+    6: "HOME HEALTH CARE",
+    7: "AGAINST ADVICE",
+    20: "DIED",
+    62: "REHAB",
 }
 
 CHUNK_SIZE = 1000
@@ -280,6 +313,11 @@ class _Patient:
     age: int
     next_date: dt.date
     note_seq: int
+    # MIMIC's patients row: the age in the anchor year. Each admission is dated so that anchor_age + (admission year -
+    # anchor_year) is the age its claim was grouped with, as prepare --labels grouped computes it.
+    anchor_age: int = 0
+    anchor_year: int = 0
+    dod: str = ""
 
 
 @dataclass
@@ -883,6 +921,8 @@ def _make_chunk(args: tuple[int, int, int, str]) -> _ChunkResult:
     with msdrg.MsdrgGrouper() as grouper:
         for index in range(start, stop):
             if remaining == 0:
+                if patient is not None:
+                    rows["patients"].append(_patient_row(patient))
                 # MIMIC-IV has ~2 discharge notes per patient, with a long tail of frequent readmissions.
                 remaining = min(
                     stop - index,
@@ -896,6 +936,7 @@ def _make_chunk(args: tuple[int, int, int, str]) -> _ChunkResult:
                     next_date=dt.date(rng.randint(2110, 2195), 1, 1) + dt.timedelta(days=rng.randint(0, 364)),
                     note_seq=rng.randint(1, 30),
                 )
+                patient.anchor_age, patient.anchor_year = patient.age, patient.next_date.year
                 result.patients += 1
             remaining -= 1
             assert patient is not None
@@ -906,7 +947,46 @@ def _make_chunk(args: tuple[int, int, int, str]) -> _ChunkResult:
             patient.age = min(91, patient.age + rng.choice((0, 0, 1, 2)))
             patient.next_date += dt.timedelta(days=rng.randint(20, 700))
             patient.note_seq += rng.randint(1, 6)
+    if patient is not None:
+        rows["patients"].append(_patient_row(patient))
     return result
+
+
+def _patient_row(patient: _Patient) -> tuple:
+    # anchor_year_group is the real-year window of anchor_year in MIMIC; every synthetic stay is coded in ICD-10.
+    return (patient.subject_id, patient.sex, patient.anchor_age, patient.anchor_year, "2017 - 2019", patient.dod)
+
+
+def _admission_date(patient: _Patient, age: int) -> dt.date:
+    """The patient's next date moved to the year in which the patient is ``age`` (Feb 29 becomes Feb 28)."""
+    year = patient.anchor_year + age - patient.anchor_age
+    day = patient.next_date
+    return day.replace(year=year, day=28 if (day.month, day.day) == (2, 29) else day.day)
+
+
+def _admission_row(sid: int, hadm_id: int, admit: dt.date, discharge: dt.date, status: int, surgical: bool) -> tuple:
+    # Clock times from the id, so that this row draws nothing from the random stream the rest of the stay uses.
+    admit_time = f"{_date(admit)} {hadm_id % 24:02d}:{hadm_id // 24 % 60:02d}:00"
+    disch_time = f"{_date(discharge)} {8 + hadm_id // 7 % 12:02d}:{hadm_id // 11 % 60:02d}:00"
+    died = status == 20
+    return (
+        sid,
+        hadm_id,
+        admit_time,
+        disch_time,
+        disch_time if died else "",
+        "SURGICAL SAME DAY ADMISSION" if surgical else "EW EMER.",
+        "",
+        "PHYSICIAN REFERRAL" if surgical else "EMERGENCY ROOM",
+        _DISCHARGE_LOCATION[status],
+        "",
+        "English",
+        "",
+        "",
+        "",
+        "",
+        int(died),
+    )
 
 
 def _one_admission(rng, tables, table, grouper, patient: _Patient, hadm_id: int, result: _ChunkResult) -> dict:
@@ -934,8 +1014,10 @@ def _one_admission(rng, tables, table, grouper, patient: _Patient, hadm_id: int,
     los = max(1, int(rng.lognormvariate(math.log(base_los * math.sqrt(max(target, 50) / 300)), 0.35)))
     text = _scrub(_render(rng, stay, age, patient.sex, status, los, target), drg, info.title)
 
-    admit = patient.next_date
+    admit = _admission_date(patient, age)
     discharge = admit + dt.timedelta(days=los)
+    if status == 20:
+        patient.dod = _date(discharge)
     note_seq = patient.note_seq
     sid = patient.subject_id
     chart = f"{_date(discharge)} 00:00:00"
@@ -969,6 +1051,7 @@ def _one_admission(rng, tables, table, grouper, patient: _Patient, hadm_id: int,
         "drgcodes": drg_rows,
         "diagnoses": dx_rows,
         "procedures": pr_rows,
+        "admissions": [_admission_row(sid, hadm_id, admit, discharge, status, info.surgical)],
     }
 
 
