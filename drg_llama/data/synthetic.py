@@ -12,6 +12,14 @@ Files written under ``out_root`` (gzip, ``mtime=0``, so the same seed gives the 
 * ``hosp/drgcodes.csv.gz``: subject_id, hadm_id, drg_type, drg_code, description, drg_severity, drg_mortality
 * ``hosp/diagnoses_icd.csv.gz``: subject_id, hadm_id, seq_num, icd_code, icd_version
 * ``hosp/procedures_icd.csv.gz``: subject_id, hadm_id, seq_num, chartdate, icd_code, icd_version
+* ``hosp/patients.csv.gz``: subject_id, gender, anchor_age, anchor_year, anchor_year_group, dod
+* ``hosp/admissions.csv.gz``: MIMIC-IV's 16 columns (admittime, dischtime, discharge_location, hospital_expire_flag,
+  ...; those no step reads are left empty)
+
+Each stay is dated so that ``anchor_age + (admission year - anchor_year)`` is the age its claim was grouped with, and
+its ``discharge_location`` maps back to the discharge status it was grouped with, so ``prepare --labels grouped``
+reproduces every label. (The discharge status of each stay is drawn independently, as before these tables existed,
+so a patient can have a stay dated after the stay in which they died.)
 
 How a stay is made:
 
@@ -1175,8 +1183,8 @@ def synthesize(
 ) -> dict:
     """Write a grouper-labelled synthetic corpus in MIMIC-IV's layout.
 
-    Writes ``ROOT/note/discharge.csv.gz``, ``ROOT/hosp/drgcodes.csv.gz``, ``ROOT/hosp/diagnoses_icd.csv.gz`` and
-    ``ROOT/hosp/procedures_icd.csv.gz``. The same ``seed`` gives byte-identical files whatever ``workers`` is.
+    Writes ``ROOT/note/discharge.csv.gz`` and ``ROOT/hosp/{drgcodes,diagnoses_icd,procedures_icd,patients,
+    admissions}.csv.gz``. The same ``seed`` gives byte-identical files whatever ``workers`` is.
 
     Args:
         out_root: Folder to write into (created if needed); existing files of the same names are replaced.
