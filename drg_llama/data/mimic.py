@@ -708,7 +708,7 @@ def prepare(
     seed = (42 if split == "drg_llama_2023" else 0) if seed is None else seed
     discharge_path, drg_path = find_inputs(mimic_root, discharge, drgcodes)
     code_files = find_files(drg_path.parent) if labels != "billed" else {}
-    out = Path(out)
+    out = Path(out).absolute()  # "." has no name to put a temporary folder beside
     check_output(out)
 
     with writing_folder(out) as tmp:

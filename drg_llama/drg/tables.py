@@ -278,20 +278,25 @@ def _cms_table5() -> dict[int, tuple[str, float, float, float]]:
 _TABLE5_VERSIONS = ("v43", "v43.1")
 
 
-@functools.cache
-def definitions(version: str | int) -> dict:
-    """drgpy's raw definitions of one version (``drgmap``, ``dxmap``, ``prmap``, ``ccmap``, ...), loaded once."""
-    name = resolve_version(version)
+def _read_definitions(name: str) -> dict:
     path = importlib.resources.files("drgpy") / "runtime_data" / _drgpy_files()[name]
     with path.open("rb") as fh:
         return json.loads(lzma.decompress(fh.read()))
 
 
+# Two versions at most: each is ~100 MB of Python objects, and callers (the synthetic corpus, the crosswalk
+# derivation) work through versions one or two at a time.
+@functools.lru_cache(maxsize=2)
+def definitions(version: str | int) -> dict:
+    """drgpy's raw definitions of one version (``drgmap``, ``dxmap``, ``prmap``, ``ccmap``, ...)."""
+    return _read_definitions(resolve_version(version))
+
+
 @functools.cache
 def get_table(version: str | int = "v43") -> DRGTable:
-    """The DRG table of one MS-DRG version (loaded once, then cached)."""
+    """The DRG table of one MS-DRG version (loaded once, then cached; only its DRG list is kept)."""
     name = resolve_version(version)
-    raw = definitions(name)["drgmap"]
+    raw = _read_definitions(name)["drgmap"]
     table5 = _cms_table5() if name in _TABLE5_VERSIONS else {}
     drgs: dict[int, DRG] = {}
     for key, rec in raw.items():
