@@ -11,7 +11,7 @@ consecutive codes with the same stem, MDC and type. CMS's one irregular family, 
 different stems but one base, so it is merged explicitly. ``tests/test_drg_tables.py`` checks the result against
 the msdrg grouper's ``final_base_drg`` on random claims.
 
-Severity semantics (DESIGN.md §2): a patient's effective severity is NONE, CC or MCC; each DRG admits a *set* of
+Severity semantics: a patient's effective severity is NONE, CC or MCC; each DRG admits a *set* of
 them, and the sets of one family partition {NONE, CC, MCC}. ``recombine(base, severity)`` is therefore total and
 unambiguous: it is a lookup in a dict built from that partition, so an invalid pair cannot be produced.
 
