@@ -4,7 +4,6 @@ Run: pytest tests/test_datamodule.py   (the embedded-default test synthesises 30
 """
 
 import importlib.util
-import json
 import os
 
 import numpy as np
@@ -23,6 +22,7 @@ from drg_llama.data.datamodule import (
     special_tokens,
     truncate_ids,
 )
+from drg_llama.data.prepared import SPLIT_FILES, write_manifest
 from drg_llama.drg import SEVERITIES, get_table
 from drg_llama.errors import UserError
 
@@ -83,7 +83,7 @@ def write_prepared(folder, version: str = "v43", seed: int = 0):
     for name, frame in splits.items():
         frame.to_parquet(folder / f"{name}.parquet", index=False)
     manifest = {"drg_version": version, "split": "patient", "splits": {k: len(v) for k, v in splits.items()}}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(folder, manifest, SPLIT_FILES)
     return splits
 
 

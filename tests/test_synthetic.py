@@ -44,6 +44,25 @@ MIMIC_COLUMNS = {
     ],
     "hosp/diagnoses_icd.csv.gz": ["subject_id", "hadm_id", "seq_num", "icd_code", "icd_version"],
     "hosp/procedures_icd.csv.gz": ["subject_id", "hadm_id", "seq_num", "chartdate", "icd_code", "icd_version"],
+    "hosp/patients.csv.gz": ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"],
+    "hosp/admissions.csv.gz": [
+        "subject_id",
+        "hadm_id",
+        "admittime",
+        "dischtime",
+        "deathtime",
+        "admission_type",
+        "admit_provider_id",
+        "admission_location",
+        "discharge_location",
+        "insurance",
+        "language",
+        "marital_status",
+        "race",
+        "edregtime",
+        "edouttime",
+        "hospital_expire_flag",
+    ],
 }
 N = 2000
 
@@ -57,8 +76,11 @@ def corpus(tmp_path_factory):
     drg = pd.read_csv(root / "hosp/drgcodes.csv.gz", **read)
     dx = pd.read_csv(root / "hosp/diagnoses_icd.csv.gz", **read)
     pr = pd.read_csv(root / "hosp/procedures_icd.csv.gz", **read)
+    patients = pd.read_csv(root / "hosp/patients.csv.gz", **read)
+    admissions = pd.read_csv(root / "hosp/admissions.csv.gz", **read)
     hcfa = drg[drg.drg_type == "HCFA"].set_index("hadm_id")
-    return {"root": root, "summary": summary, "notes": notes, "drg": drg, "hcfa": hcfa, "dx": dx, "pr": pr}
+    return {"root": root, "summary": summary, "notes": notes, "drg": drg, "hcfa": hcfa, "dx": dx, "pr": pr,
+            "patients": patients, "admissions": admissions}  # fmt: skip
 
 
 def _bhc(text: str) -> str:
@@ -103,18 +125,27 @@ def test_drg_rows(corpus):
 
 
 def test_labels_regroup_from_written_codes(corpus):
-    """The HCFA DRG is what msdrg gives for the codes in diagnoses_icd / procedures_icd (never the text)."""
+    """The HCFA DRG is what msdrg gives for the codes, age, sex and discharge status in the hosp tables (never the
+    text); the age and sex the note states agree with the tables."""
     notes = corpus["notes"].set_index("hadm_id")
     dx = corpus["dx"].sort_values(["hadm_id", "seq_num"]).groupby("hadm_id").icd_code.apply(list)
     pr = corpus["pr"].sort_values(["hadm_id", "seq_num"]).groupby("hadm_id").icd_code.apply(list)
+    admissions = corpus["admissions"].set_index("hadm_id")
+    patients = corpus["patients"].set_index("subject_id")
+    assert admissions.index.is_unique and set(admissions.index) == set(notes.index)
+    assert patients.index.is_unique and set(patients.index) == set(notes.subject_id)
+    status_of = {location: status for status, location in synthetic._DISCHARGE_LOCATION.items()}
     version = msdrg_version("v43")
     mismatches = []
     with msdrg.MsdrgGrouper() as grouper:
         for hadm_id, text in notes.text.items():
-            age = int(re.search(r"is a (\d+) y/o", text).group(1))
-            sex = 0 if re.search(r"Sex:\s+M", text) else 1
-            expired = re.search(r"Discharge Disposition:\nExpired", text) is not None
-            status = 20 if expired else 7 if "left against medical advice" in text else 1
+            adm = admissions.loc[hadm_id]
+            patient = patients.loc[int(adm.subject_id)]
+            age = int(patient.anchor_age) + int(adm.admittime[:4]) - int(patient.anchor_year)
+            assert f"is a {age} y/o" in text and f"Sex:   {patient.gender}" in text
+            sex = 0 if patient.gender == "M" else 1
+            status = status_of[adm.discharge_location]
+            assert (int(adm.hospital_expire_flag) == 1) == (status == 20) == bool(adm.deathtime)
             codes = dx[hadm_id]
             out = grouper.group(
                 {
@@ -129,9 +160,7 @@ def test_labels_regroup_from_written_codes(corpus):
             )
             if out["final_drg"] != int(corpus["hcfa"].loc[hadm_id, "drg_code"]):
                 mismatches.append((hadm_id, out["final_drg"], corpus["hcfa"].loc[hadm_id, "drg_code"]))
-    # The discharge statuses that move a DRG (died, left against advice) are readable from the note; transfers and
-    # facility discharges are not in these four files and would only matter for a few families.
-    assert len(mismatches) <= N // 1000, mismatches[:10]
+    assert mismatches == []
 
 
 def test_no_codes_numbers_or_titles_in_text(corpus):

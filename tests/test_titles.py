@@ -20,6 +20,11 @@ MAPPED = [
     ("PERC CARDIOVASC PROC W DRUG-ELUTING STENT W MCC OR 4+ VES/STENTS", 321),
     ("PERC CARDIOVASC PROC W DRUG-ELUTING STENT W/O MCC", 322),
     ("PERC CARDIOVASC PROC W NON-DRUG-ELUTING STENT W/O MCC", 322),
+    ("PERC CARDIOVASC PROC W NON-DRUG-ELUTING STENT W MCC OR 4+ VES/STENTS", 321),
+    ("HYPERTENSIVE ENCEPHALOPATHY W MCC", 70),  # deleted in v43; derived: its claims regroup to 070
+    ("HYPERTENSIVE ENCEPHALOPATHY W/O CC/MCC", 72),
+    ("DEEP VEIN THROMBOPHLEBITIS W/O CC/MCC", 301),
+    ("INTRACRANIAL HEMORRHAGE OR CEREBRAL INFARCTION W CC OR TPA", 65),  # a shortened alternative route
     ("PERC CARDIOVASC PROC W/O CORONARY ARTERY STENT W MCC", 250),
     ("MAJOR JOINT REPLACEMENT OR REATTACHMENT OF LOWER EXTREMITY W MCC", 469),
     ("MAJOR JOINT REPLACEMENT OR REATTACHMENT OF LOWER EXTREMITY W/O MCC", 470),
@@ -73,7 +78,10 @@ NOT_MAPPED = [
     ("VAGINAL DELIVERY W/O COMPLICATING DIAGNOSES", "no_successor"),
     ("SPINAL FUSION EXCEPT CERVICAL W/O MCC", "no_successor"),  # FY2025 split single/multiple level
     ("MAJOR CARDIOVASC PROCEDURES W MCC", "no_successor"),  # FY2018 split
-    ("HYPERTENSIVE ENCEPHALOPATHY W MCC", "no_successor"),  # deleted in v43
+    ("HYPERTENSIVE ENCEPHALOPATHY W CC/MCC", "unknown_title"),  # no such severity phrase for that DRG
+    ("DEEP VEIN THROMBOPHLEBITIS W CC/MCC", "no_successor"),  # v43: to 299 with an MCC, to 300 with a CC
+    ("HEART FAILURE & SHOCK W MCC XYZ", "unknown_title"),  # junk after the severity phrase is not a match
+    ("SIMPLE PNEUMONIA & PLEURISY W CC OR TPA IN 24 HRS", "unknown_title"),  # another DRG's alternative route
     ("NOT A DRG TITLE AT ALL", "unknown_title"),
     ("", "unknown_title"),
 ]

@@ -18,7 +18,8 @@ With LightningCLI the label space goes to the model with
 Choices, and why:
 
 * **Label space without tokenising.** ``label_space`` is a lazy property: the first access resolves the data folder
-  (building the embedded default if needed), checks the manifest's DRG version and reads only the ``drg_code``
+  (building the embedded default if needed), checks every file against the manifest (size, rows, SHA-256: a folder
+  that was modified or half-copied is refused) and the manifest's DRG version, and reads only the ``drg_code``
   column of the training rows. Classes are the DRGs of the rows trained on (after ``limit_train``).
 * **A trained run's classes.** ``evaluate`` and ``predict`` hand the run's own label space in (``use_label_space``)
   instead of deriving one from ``train.parquet``: a run scores any prepared folder without its training data.
@@ -73,6 +74,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from drg_llama.data.prepared import verify as verify_prepared
 from drg_llama.drg import SEVERITIES, LabelSpace, get_table, resolve_version
 from drg_llama.errors import UserError
 from drg_llama.models.backbone import SMOLLM2_NAME, BackboneConfig, default_cache_dir, load_tokenizer
@@ -480,10 +482,10 @@ def embedded_default_dir(n: int, seed: int, drg_version: str, cache_dir: str | P
 
 def _manifest_ok(folder: Path, version: str) -> bool:
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = verify_prepared(folder)
+    except (OSError, ValueError):  # absent, or not what its manifest says: rebuild it
         return False
-    return manifest.get("drg_version") == version and all((folder / f"{s}.parquet").is_file() for s in SPLITS)
+    return manifest.get("drg_version") == version
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -621,13 +623,8 @@ class DRGDataModule(LightningDataModule):
                 f"`python -m drg_llama.data prepare --mimic-root ROOT --out {folder}`, or leave data_dir unset for "
                 "the embedded synthetic corpus."
             )
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            prepared = manifest.get("drg_version")
-        except (ValueError, AttributeError):
-            raise UserError(
-                f"{manifest_path} is not a prepare manifest; re-run python -m drg_llama.data prepare"
-            ) from None
+        manifest = verify_prepared(folder)  # every file's size, rows and checksum match the manifest
+        prepared = manifest.get("drg_version")
         if prepared is None or resolve_version(prepared) != self.drg_version:
             raise UserError(
                 f"{folder} was prepared with {prepared} but drg_version is {self.drg_version}; re-run prepare or set "

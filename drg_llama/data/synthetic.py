@@ -12,6 +12,14 @@ Files written under ``out_root`` (gzip, ``mtime=0``, so the same seed gives the 
 * ``hosp/drgcodes.csv.gz``: subject_id, hadm_id, drg_type, drg_code, description, drg_severity, drg_mortality
 * ``hosp/diagnoses_icd.csv.gz``: subject_id, hadm_id, seq_num, icd_code, icd_version
 * ``hosp/procedures_icd.csv.gz``: subject_id, hadm_id, seq_num, chartdate, icd_code, icd_version
+* ``hosp/patients.csv.gz``: subject_id, gender, anchor_age, anchor_year, anchor_year_group, dod
+* ``hosp/admissions.csv.gz``: MIMIC-IV's 16 columns (admittime, dischtime, discharge_location, hospital_expire_flag,
+  ...; those no step reads are left empty)
+
+Each stay is dated so that ``anchor_age + (admission year - anchor_year)`` is the age its claim was grouped with, and
+its ``discharge_location`` maps back to the discharge status it was grouped with, so ``prepare --labels grouped``
+reproduces every label. (The discharge status of each stay is drawn independently, as before these tables existed,
+so a patient can have a stay dated after the stay in which they died.)
 
 How a stay is made:
 
@@ -47,8 +55,6 @@ import datetime as dt
 import functools
 import gzip
 import io
-import json
-import lzma
 import math
 import multiprocessing
 import os
@@ -71,17 +77,51 @@ from drg_llama.drg import (
     resolve_version,
     split_severity_phrase,
 )
+from drg_llama.drg.tables import definitions
 
 DISCHARGE_COLUMNS = ("note_id", "subject_id", "hadm_id", "note_type", "note_seq", "charttime", "storetime", "text")
 DRGCODES_COLUMNS = ("subject_id", "hadm_id", "drg_type", "drg_code", "description", "drg_severity", "drg_mortality")
 DIAGNOSES_COLUMNS = ("subject_id", "hadm_id", "seq_num", "icd_code", "icd_version")
 PROCEDURES_COLUMNS = ("subject_id", "hadm_id", "seq_num", "chartdate", "icd_code", "icd_version")
+PATIENTS_COLUMNS = ("subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod")
+ADMISSIONS_COLUMNS = (
+    "subject_id",
+    "hadm_id",
+    "admittime",
+    "dischtime",
+    "deathtime",
+    "admission_type",
+    "admit_provider_id",
+    "admission_location",
+    "discharge_location",
+    "insurance",
+    "language",
+    "marital_status",
+    "race",
+    "edregtime",
+    "edouttime",
+    "hospital_expire_flag",
+)
 
 FILES = {
     "discharge": ("note", "discharge.csv.gz", DISCHARGE_COLUMNS),
     "drgcodes": ("hosp", "drgcodes.csv.gz", DRGCODES_COLUMNS),
     "diagnoses": ("hosp", "diagnoses_icd.csv.gz", DIAGNOSES_COLUMNS),
     "procedures": ("hosp", "procedures_icd.csv.gz", PROCEDURES_COLUMNS),
+    "patients": ("hosp", "patients.csv.gz", PATIENTS_COLUMNS),
+    "admissions": ("hosp", "admissions.csv.gz", ADMISSIONS_COLUMNS),
+}
+
+# CMS discharge status of a stay -> MIMIC-IV's admissions.discharge_location (the inverse of what prepare reads,
+# drg_llama.data.grouping.DISCHARGE_STATUS, for every status the sampler draws).
+_DISCHARGE_LOCATION = {
+    1: "HOME",
+    2: "ACUTE HOSPITAL",
+    3: "SKILLED NURSING FACILITY",
+    6: "HOME HEALTH CARE",
+    7: "AGAINST ADVICE",
+    20: "DIED",
+    62: "REHAB",
 }
 
 CHUNK_SIZE = 1000
@@ -135,12 +175,6 @@ def _pcs_titles() -> dict[str, str]:
         return {row[0]: row[1] for row in csv.reader(fh) if len(row) >= 2}
 
 
-@functools.cache
-def _drgpy_data(version: str) -> dict:
-    with package_data("drgpy", "runtime_data", f"{version}.json.xz").open("rb") as fh:
-        return json.loads(lzma.decompress(fh.read()))
-
-
 def _cumulative(weights: Sequence[float]) -> tuple[float, ...]:
     total, out = 0.0, []
     for w in weights:
@@ -162,7 +196,7 @@ def _tables(drg_version: str) -> _Tables:
     """Everything the sampler needs for one MS-DRG version, derived from the installed CMS-based tables."""
     version = resolve_version(drg_version)
     grouper_version = msdrg_version(version)
-    raw = _drgpy_data(version)
+    raw = definitions(version)
     cm, pcs = _cm_titles(), _pcs_titles()
     drgmap = raw["drgmap"]
     level = {code: rec["level"] for code, rec in raw["ccmap"].items()}
@@ -287,6 +321,11 @@ class _Patient:
     age: int
     next_date: dt.date
     note_seq: int
+    # MIMIC's patients row: the age in the anchor year. Each admission is dated so that anchor_age + (admission year -
+    # anchor_year) is the age its claim was grouped with, as prepare --labels grouped computes it.
+    anchor_age: int = 0
+    anchor_year: int = 0
+    dod: str = ""
 
 
 @dataclass
@@ -890,6 +929,8 @@ def _make_chunk(args: tuple[int, int, int, str]) -> _ChunkResult:
     with msdrg.MsdrgGrouper() as grouper:
         for index in range(start, stop):
             if remaining == 0:
+                if patient is not None:
+                    rows["patients"].append(_patient_row(patient))
                 # MIMIC-IV has ~2 discharge notes per patient, with a long tail of frequent readmissions.
                 remaining = min(
                     stop - index,
@@ -903,6 +944,7 @@ def _make_chunk(args: tuple[int, int, int, str]) -> _ChunkResult:
                     next_date=dt.date(rng.randint(2110, 2195), 1, 1) + dt.timedelta(days=rng.randint(0, 364)),
                     note_seq=rng.randint(1, 30),
                 )
+                patient.anchor_age, patient.anchor_year = patient.age, patient.next_date.year
                 result.patients += 1
             remaining -= 1
             assert patient is not None
@@ -913,7 +955,46 @@ def _make_chunk(args: tuple[int, int, int, str]) -> _ChunkResult:
             patient.age = min(91, patient.age + rng.choice((0, 0, 1, 2)))
             patient.next_date += dt.timedelta(days=rng.randint(20, 700))
             patient.note_seq += rng.randint(1, 6)
+    if patient is not None:
+        rows["patients"].append(_patient_row(patient))
     return result
+
+
+def _patient_row(patient: _Patient) -> tuple:
+    # anchor_year_group is the real-year window of anchor_year in MIMIC; every synthetic stay is coded in ICD-10.
+    return (patient.subject_id, patient.sex, patient.anchor_age, patient.anchor_year, "2017 - 2019", patient.dod)
+
+
+def _admission_date(patient: _Patient, age: int) -> dt.date:
+    """The patient's next date moved to the year in which the patient is ``age`` (Feb 29 becomes Feb 28)."""
+    year = patient.anchor_year + age - patient.anchor_age
+    day = patient.next_date
+    return day.replace(year=year, day=28 if (day.month, day.day) == (2, 29) else day.day)
+
+
+def _admission_row(sid: int, hadm_id: int, admit: dt.date, discharge: dt.date, status: int, surgical: bool) -> tuple:
+    # Clock times from the id, so that this row draws nothing from the random stream the rest of the stay uses.
+    admit_time = f"{_date(admit)} {hadm_id % 24:02d}:{hadm_id // 24 % 60:02d}:00"
+    disch_time = f"{_date(discharge)} {8 + hadm_id // 7 % 12:02d}:{hadm_id // 11 % 60:02d}:00"
+    died = status == 20
+    return (
+        sid,
+        hadm_id,
+        admit_time,
+        disch_time,
+        disch_time if died else "",
+        "SURGICAL SAME DAY ADMISSION" if surgical else "EW EMER.",
+        "",
+        "PHYSICIAN REFERRAL" if surgical else "EMERGENCY ROOM",
+        _DISCHARGE_LOCATION[status],
+        "",
+        "English",
+        "",
+        "",
+        "",
+        "",
+        int(died),
+    )
 
 
 def _one_admission(rng, tables, table, grouper, patient: _Patient, hadm_id: int, result: _ChunkResult) -> dict:
@@ -941,8 +1022,10 @@ def _one_admission(rng, tables, table, grouper, patient: _Patient, hadm_id: int,
     los = max(1, int(rng.lognormvariate(math.log(base_los * math.sqrt(max(target, 50) / 300)), 0.35)))
     text = _scrub(_render(rng, stay, age, patient.sex, status, los, target), drg, info.title)
 
-    admit = patient.next_date
+    admit = _admission_date(patient, age)
     discharge = admit + dt.timedelta(days=los)
+    if status == 20:
+        patient.dod = _date(discharge)
     note_seq = patient.note_seq
     sid = patient.subject_id
     chart = f"{_date(discharge)} 00:00:00"
@@ -976,6 +1059,7 @@ def _one_admission(rng, tables, table, grouper, patient: _Patient, hadm_id: int,
         "drgcodes": drg_rows,
         "diagnoses": dx_rows,
         "procedures": pr_rows,
+        "admissions": [_admission_row(sid, hadm_id, admit, discharge, status, info.surgical)],
     }
 
 
@@ -1099,8 +1183,8 @@ def synthesize(
 ) -> dict:
     """Write a grouper-labelled synthetic corpus in MIMIC-IV's layout.
 
-    Writes ``ROOT/note/discharge.csv.gz``, ``ROOT/hosp/drgcodes.csv.gz``, ``ROOT/hosp/diagnoses_icd.csv.gz`` and
-    ``ROOT/hosp/procedures_icd.csv.gz``. The same ``seed`` gives byte-identical files whatever ``workers`` is.
+    Writes ``ROOT/note/discharge.csv.gz`` and ``ROOT/hosp/{drgcodes,diagnoses_icd,procedures_icd,patients,
+    admissions}.csv.gz``. The same ``seed`` gives byte-identical files whatever ``workers`` is.
 
     Args:
         out_root: Folder to write into (created if needed); existing files of the same names are replaced.

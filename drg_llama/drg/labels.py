@@ -6,7 +6,7 @@ disagree about classes. It owns both directions:
 * ``single_label``: one output per DRG class; the distribution over DRGs is the softmax.
 * ``two_label``: ``n_base + 3`` outputs — a base-DRG head and a {NONE, CC, MCC} severity head over one score
   layer. The severity target is the DRG's *allowed set* (292 -> {CC}; 872 -> {NONE, CC}), trained with a
-  partial-label loss, and decoding is joint over valid DRGs (DESIGN.md §2)::
+  partial-label loss, and decoding is joint over valid DRGs::
 
       score(d) = log p(base(d)) + log sum_{s in allowed(d)} p(s)
 

@@ -11,7 +11,7 @@ consecutive codes with the same stem, MDC and type. CMS's one irregular family, 
 different stems but one base, so it is merged explicitly. ``tests/test_drg_tables.py`` checks the result against
 the msdrg grouper's ``final_base_drg`` on random claims.
 
-Severity semantics (DESIGN.md §2): a patient's effective severity is NONE, CC or MCC; each DRG admits a *set* of
+Severity semantics: a patient's effective severity is NONE, CC or MCC; each DRG admits a *set* of
 them, and the sets of one family partition {NONE, CC, MCC}. ``recombine(base, severity)`` is therefore total and
 unambiguous: it is a lookup in a dict built from that partition, so an invalid pair cannot be produced.
 
@@ -97,11 +97,17 @@ def split_severity_phrase(title: str) -> tuple[str, str | None]:
     Returns ``(stem, phrase)``; the phrase is None for an unsplit DRG. Anything after the phrase ("... WITH MCC OR
     TPA IN 24 HOURS") is an alternative route into the same DRG and is not part of the stem.
     """
+    stem, phrase, _ = split_title(title)
+    return stem, phrase
+
+
+def split_title(title: str) -> tuple[str, str | None, str]:
+    """``(stem, severity phrase, text after it)`` of an upper-case DRG title; ``(title, None, "")`` if unsplit."""
     matches = list(_SEVERITY_RE.finditer(title))
     if not matches:
-        return title.strip(), None
+        return title.strip(), None, ""
     last = matches[-1]
-    return title[: last.start()].strip(" ,"), last.group(1)
+    return title[: last.start()].strip(" ,"), last.group(1), title[last.end() :].strip(" ,")
 
 
 @dataclass(frozen=True)
@@ -289,13 +295,25 @@ def _cms_table5() -> dict[int, tuple[str, float, float, float]]:
 _TABLE5_VERSIONS = ("v43", "v43.1")
 
 
-@functools.cache
-def get_table(version: str | int = "v43") -> DRGTable:
-    """The DRG table of one MS-DRG version (loaded once, then cached)."""
-    name = resolve_version(version)
+def _read_definitions(name: str) -> dict:
     path = package_data("drgpy", "runtime_data", _drgpy_files()[name])
     with path.open("rb") as fh:
-        raw = json.loads(lzma.decompress(fh.read()))["drgmap"]
+        return json.loads(lzma.decompress(fh.read()))
+
+
+# Two versions at most: each is ~100 MB of Python objects, and callers (the synthetic corpus, the crosswalk
+# derivation) work through versions one or two at a time.
+@functools.lru_cache(maxsize=2)
+def definitions(version: str | int) -> dict:
+    """drgpy's raw definitions of one version (``drgmap``, ``dxmap``, ``prmap``, ``ccmap``, ...)."""
+    return _read_definitions(resolve_version(version))
+
+
+@functools.cache
+def get_table(version: str | int = "v43") -> DRGTable:
+    """The DRG table of one MS-DRG version (loaded once, then cached; only its DRG list is kept)."""
+    name = resolve_version(version)
+    raw = _read_definitions(name)["drgmap"]
     table5 = _cms_table5() if name in _TABLE5_VERSIONS else {}
     drgs: dict[int, DRG] = {}
     for key, rec in raw.items():

