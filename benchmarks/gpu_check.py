@@ -308,7 +308,7 @@ def stage_flex(args) -> dict:
     start = time.perf_counter()
     if args.device != "cuda":
         try:
-            _train(argv, args.work, probe=False)
+            _train([*argv, "--debug"], args.work, probe=False)  # --debug: the error itself, not its one-line print
         except ValueError as err:  # flex_attention has no backward on a CPU: the user's clear error
             figures["cpu_training_error"] = str(err)
             if "no backward pass on a CPU" not in str(err):

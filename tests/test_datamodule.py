@@ -4,6 +4,7 @@ Run: pytest tests/test_datamodule.py   (the embedded-default test synthesises 30
 """
 
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -85,6 +86,12 @@ def write_prepared(folder, version: str = "v43", seed: int = 0):
     manifest = {"drg_version": version, "split": "patient", "splits": {k: len(v) for k, v in splits.items()}}
     write_manifest(folder, manifest, SPLIT_FILES)
     return splits
+
+
+def rewrite_split(folder, name: str, frame: pd.DataFrame) -> None:
+    """Replace one split of a prepared folder and record it in the manifest, as prepare would have written it."""
+    frame.to_parquet(folder / f"{name}.parquet", index=False)
+    write_manifest(folder, json.loads((folder / "manifest.json").read_text()), SPLIT_FILES)
 
 
 @pytest.fixture
@@ -378,18 +385,18 @@ def test_not_a_prepared_folder(tmp_path):
 def test_unusable_training_splits_are_one_sentence(prepared, tmp_path):
     folder, splits = prepared
     train = folder / "train.parquet"
-    splits["train"].iloc[:0].to_parquet(train, index=False)
+    rewrite_split(folder, "train", splits["train"].iloc[:0])
     with pytest.raises(UserError, match="train.parquet has no rows"):
         _ = DRGDataModule(data_dir=str(folder)).label_space
     # one DRG only: every prediction would be right by construction, and the TF-IDF baseline cannot fit
-    splits["train"].assign(drg_code=291).to_parquet(train, index=False)
+    rewrite_split(folder, "train", splits["train"].assign(drg_code=291))
     with pytest.raises(UserError, match=r"a single DRG \(291\)"):
         _ = DRGDataModule(data_dir=str(folder)).label_space
-    train.write_bytes(b"not parquet")
-    with pytest.raises(UserError, match="train.parquet is not a readable prepared split"):
+    train.write_bytes(b"not parquet")  # not what the manifest recorded: caught before anything reads it
+    with pytest.raises(UserError, match="train.parquet: its size differs from manifest.json"):
         _ = DRGDataModule(data_dir=str(folder)).label_space
     (folder / "manifest.json").write_text("{not json")
-    with pytest.raises(UserError, match="manifest.json is not a prepare manifest"):
+    with pytest.raises(UserError, match="manifest.json: is not a readable manifest"):
         _ = DRGDataModule(data_dir=str(folder)).label_space
 
 
@@ -405,7 +412,7 @@ def test_bad_options_are_user_errors(option, message):
 def test_empty_split_tokenises_to_nothing(prepared):
     # prepare --split drg_llama_2023 writes an empty val.parquet; datasets cannot read one ("corresponds to no data")
     folder, splits = prepared
-    splits["val"].iloc[:0].to_parquet(folder / "val.parquet", index=False)
+    rewrite_split(folder, "val", splits["val"].iloc[:0])
     dm = make_dm(folder)
     dm.prepare_data()
     assert len(dm.tokenize_split("val")) == 0 and dm.val_dataloader() == []

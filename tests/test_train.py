@@ -24,6 +24,7 @@ from drg_llama.models.classifier import DRGClassifier
 from drg_llama.predict import InputError, predict_file
 from drg_llama.runs import Run
 from drg_llama.train import CONFIG_DIR, DRGLightningCLI, main, shipped_config
+from tests.test_datamodule import rewrite_split
 from tests.tiny import TINY_LLAMA
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,7 +156,7 @@ def _bad_data_folders(tmp_path: Path, prepared: Path) -> dict[str, tuple[list[st
     not_prepared.mkdir()
     empty = tmp_path / "empty"
     shutil.copytree(prepared, empty)
-    pd.read_parquet(empty / "train.parquet").iloc[:0].to_parquet(empty / "train.parquet")
+    rewrite_split(empty, "train", pd.read_parquet(empty / "train.parquet").iloc[:0])
     old = tmp_path / "old_version"
     shutil.copytree(prepared, old)
     manifest = json.loads((prepared / "manifest.json").read_text())
@@ -173,7 +174,7 @@ def _bad_data_folders(tmp_path: Path, prepared: Path) -> dict[str, tuple[list[st
 
 def test_bad_data_options_stop_in_one_line(cache, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    prepared = next(Path(cache).glob("synthetic/*/prepared"))
+    prepared = DRGDataModule(synthetic_n=300).prepared_dir  # the tiny config's corpus (built once per session)
     for name, (args, message) in _bad_data_folders(tmp_path, prepared).items():
         with pytest.raises(SystemExit) as exit_:
             main(["--variant", "two_label", "--config", TINY, *args])
@@ -190,7 +191,7 @@ def test_drg_llama_2023_split_trains_without_validation(cache, tmp_path, monkeyp
     test). Before, datasets refused the empty val.parquet ("Instruction 'train' corresponds to no data")."""
     from drg_llama.data.mimic import prepare
 
-    raw = next(Path(cache).glob("synthetic/*/raw"))
+    raw = DRGDataModule(synthetic_n=300).prepared_dir.parent / "raw"  # the tiny config's corpus
     prepared = tmp_path / "paper"
     prepare(raw, prepared, split="drg_llama_2023")
     assert len(pd.read_parquet(prepared / "val.parquet")) == 0
