@@ -2,7 +2,9 @@
 
 Pure functions over numpy arrays (torch tensors are accepted and moved to CPU). Every figure is cross-checked
 against scikit-learn in ``tests/test_metrics.py``. Both classifier variants and the TF-IDF baseline report through
-``compute_metrics`` so their ``metrics.json`` files compare key by key.
+``compute_metrics`` so their ``metrics.json`` files compare key by key. These are the final, exact figures (test,
+``evaluate``); what the classifier logs while it trains comes from torchmetrics (``models/loop_metrics.py``), checked
+against these.
 
 Example::
 

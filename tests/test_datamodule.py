@@ -465,3 +465,26 @@ def test_embedded_default_builds_once(tmp_path, monkeypatch):
     mtime = os.stat(folder / "manifest.json").st_mtime_ns
     again = DRGDataModule(synthetic_n=300, seed=5, tokenizer="byte")
     assert again.prepared_dir == folder and os.stat(folder / "manifest.json").st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_evaluation_shards_score_every_row_once_across_ranks(packed):
+    """Under DDP validation metrics are summed over ranks (torchmetrics): repeated rows would count twice.
+
+    Training still pads, so that every rank joins every gradient all-reduce; evaluation does not."""
+    from drg_llama.data.datamodule import PackedBatchSampler
+
+    lengths = np.random.default_rng(0).integers(5, 60, size=53)
+
+    def sampler(rank: int, train: bool):
+        if packed:
+            return PackedBatchSampler(lengths, 64, 4, shuffle=train, num_replicas=3, rank=rank)
+        return LengthBucketSampler(lengths, 8, shuffle=train, num_replicas=3, rank=rank)
+
+    def rows(s) -> list[int]:
+        return [int(i) for batch in s.batches() for i in np.concatenate([np.atleast_1d(r) for r in batch])]
+
+    evaluated = [rows(sampler(rank, train=False)) for rank in range(3)]
+    assert sorted(sum(evaluated, [])) == list(range(53))  # each row exactly once
+    assert all(len(sampler(rank, train=False)) == len(list(sampler(rank, train=False))) for rank in range(3))
+    assert len({len(sampler(rank, train=True).batches()) for rank in range(3)}) == 1  # equal steps in training

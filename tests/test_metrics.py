@@ -157,3 +157,31 @@ def test_single_class_split_skips_auc_and_torch_inputs_work():
 def test_bad_input_is_a_clear_error(probs, gold, message):
     with pytest.raises(ValueError, match=message):
         compute_metrics(probs, gold)
+
+
+def test_loop_metrics_equal_metrics_py_and_sum_over_batches():
+    """The torchmetrics the classifier logs during validation give metrics.py's values (AUROC within its binning),
+    also when the split arrives in batches and holds gold DRGs unseen in training (-1: a miss)."""
+    import torch
+
+    from drg_llama.drg import LabelSpace
+    from drg_llama.metrics import score_predictions
+    from drg_llama.models.loop_metrics import DRGLoopMetrics
+
+    space = LabelSpace.build("v43", "two_label", [291, 292, 293, 871, 872, 190, 191, 192, 637, 638, 639])
+    rng = np.random.default_rng(0)
+    n, d = 400, space.num_classes
+    probs = rng.dirichlet(np.full(d, 0.3), size=n)  # [N, D], no ties
+    gold = rng.integers(-1, d, size=n)  # -1: unseen in training
+    gold[:3] = [0, 1, 2]
+    expected = score_predictions(space, probs, gold)
+    loop = DRGLoopMetrics(space)
+    for start in range(0, n, 64):
+        loop.update(torch.tensor(probs[start : start + 64]), torch.tensor(gold[start : start + 64]))
+    got = loop.compute()
+    for key in ("top1", "top5", "top10", "macro_f1_present", "ece", "base_acc", "severity_acc"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-6), key
+    assert got["macro_auc"] == pytest.approx(expected["macro_auc"], abs=2e-3)
+    loop.reset()
+    loop.update(torch.tensor(probs[:10]), torch.tensor(gold[:10]))
+    assert loop.compute()["top1"] == pytest.approx(score_predictions(space, probs[:10], gold[:10])["top1"])

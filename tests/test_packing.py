@@ -228,8 +228,10 @@ def test_datamodule_packing_gives_the_same_logits_and_loss(tmp_path):
         torch.testing.assert_close(model.loss(out, batch)["loss"], model.loss(ref, padded)["loss"])
     assert model.training_step(batch, 0).isfinite()
     val = next(iter(packed.val_dataloader()))
-    model.validation_step(val, 0)  # per-note keys only: would fail on [R, T] tensors indexed by a [N] mask
+    model.test_step(val, 0)  # per-note keys only: would fail on [R, T] tensors indexed by a [N] mask
     assert model._eval_outputs[-1]["probs"].shape[0] == val["labels"].shape[0]
+    model.validation_step(val, 0)
+    assert model.val_metrics.compute()["top1"] >= 0.0 and model._val_batches == 1
     assert "seq_ids" not in next(iter(packed.predict_dataloader()))  # predict stays padded
 
 

@@ -218,6 +218,17 @@ class _HFColumn:
         return len(self.dataset)
 
 
+def _pad_across_ranks(training: bool, n_batches: int, world: int) -> bool:
+    """Whether DDP ranks get equal batch counts by repeating batches.
+
+    Training must: every rank takes part in each gradient all-reduce. Evaluation need not, and must not, or the
+    repeated rows would be counted twice by the metrics synchronised across ranks (torchmetrics); only when there
+    are fewer batches than ranks is it padded, so no rank sits out (a rank without batches would skip the epoch-end
+    synchronisation the others wait in).
+    """
+    return training or n_batches < world
+
+
 class LengthBucketSampler(DistributedSampler):
     """Index sampler whose consecutive ``batch_size`` chunks are batches of similar length.
 
@@ -227,8 +238,8 @@ class LengthBucketSampler(DistributedSampler):
     by length, longest first. With ``bucket=False`` the rows are not sorted (random or sequential batches).
 
     Subclassing ``DistributedSampler`` makes Lightning leave it in place under DDP; it shards whole batches
-    (rank ``r`` takes batches ``r, r + W, ...``), padding with repeated rows so every rank gets the same number of
-    full batches. Repeated rows carry the same ``row``, so evaluation can drop them.
+    (rank ``r`` takes batches ``r, r + W, ...``). In training it pads with repeated rows so every rank gets the same
+    number of full batches; in evaluation it does not (``_pad_across_ranks``), so every row is scored once.
 
     Args:
         lengths: [N] token counts.
@@ -283,12 +294,11 @@ class LengthBucketSampler(DistributedSampler):
             full = [b for b in batches if len(b) == size]
             short = [b for b in batches if len(b) < size]
             batches = [full[i] for i in rng.permutation(len(full))] + short
-        if world > 1 and batches:
+        if world > 1 and batches and _pad_across_ranks(self.shuffle, len(batches), world):
             if len(batches[-1]) < size:  # top up the short batch with rows from the start
                 batches[-1] = np.concatenate([batches[-1], np.resize(order, size - len(batches[-1]))])
             batches += [batches[i % len(batches)] for i in range(-len(batches) % world)]
-            batches = batches[self.rank :: world]
-        return batches
+        return batches[self.rank :: world] if world > 1 else batches
 
     def __iter__(self):
         batches = self.batches()
@@ -304,6 +314,8 @@ class LengthBucketSampler(DistributedSampler):
         if world == 1:
             return n
         n_batches = -(-n // self.batch_size)
+        if not _pad_across_ranks(self.shuffle, n_batches, world):
+            return int(sum(len(b) for b in self.batches()))
         return -(-n_batches // world) * self.batch_size
 
 
@@ -369,8 +381,9 @@ class PackedBatchSampler(LengthBucketSampler):
             full = [b for b in batches if len(b) == size]
             short = [b for b in batches if len(b) < size]
             batches = [full[i] for i in rng.permutation(len(full))] + short
-        if world > 1 and batches:
+        if world > 1 and batches and _pad_across_ranks(self.shuffle, len(batches), world):
             batches += [batches[i % len(batches)] for i in range(-len(batches) % world)]
+        if world > 1:
             batches = batches[self.rank :: world]
         self._cache = (self.epoch, batches)
         return batches

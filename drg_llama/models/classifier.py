@@ -37,7 +37,11 @@ from drg_llama.models.backbone import (
     pooled_logits,
     save_adapter,
 )
+from drg_llama.models.loop_metrics import DRGLoopMetrics
 from drg_llama.models.packing import is_packed, packed_logits
+
+#: The epoch metrics logged as ``val/<key>`` (torchmetrics) and ``test/<key>`` (metrics.py).
+LOGGED_METRICS = ("top1", "top5", "top10", "macro_f1_present", "macro_auc", "ece", "base_acc", "severity_acc")
 
 
 def partial_label_nll(severity_logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -97,6 +101,10 @@ class DRGClassifier(L.LightningModule):
         # Checkpoints carry only the trainable tensors; the frozen base is rebuilt from the config on load.
         self.strict_loading = False
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
+        # Validation is scored by torchmetrics (per-class counts summed over ranks), test by metrics.py on the
+        # gathered probabilities; the keys and, but for the binned AUROC, the values agree (tests/test_metrics.py).
+        self.val_metrics = DRGLoopMetrics(label_space)
+        self._val_batches = 0
 
     @staticmethod
     def _plain_hparams(args: dict[str, Any]) -> dict[str, Any]:
@@ -179,9 +187,12 @@ class DRGClassifier(L.LightningModule):
         if has_label.any():
             sub = {k: batch[k][has_label] for k in ("labels", "base_labels", "severity_mask")}  # per-note keys
             self.log(f"{stage}/loss", self.loss(logits[has_label], sub)["loss"], batch_size=int(has_label.sum()))
-        self._eval_outputs.append(
-            {"probs": self.drg_probs(logits).float(), "gold": batch["labels"], "row": batch["row"]}
-        )
+        probs = self.drg_probs(logits).float()  # [N, D]
+        if stage == "val":  # counts synchronised across ranks at the epoch's end; nothing gathered
+            self.val_metrics.update(probs, batch["labels"])
+            self._val_batches += 1
+        else:  # test: the whole split's probabilities, for metrics.json and the predictions file
+            self._eval_outputs.append({"probs": probs, "gold": batch["labels"], "row": batch["row"]})
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Distribution over DRGs and row ids of one batch (``Trainer.predict``)."""
@@ -206,24 +217,26 @@ class DRGClassifier(L.LightningModule):
         _, first = np.unique(out["row"], return_index=True)
         return {k: v[first] for k, v in out.items()}
 
-    def _eval_epoch_end(self, stage: str) -> None:
-        if not self._eval_outputs or self.trainer.sanity_checking:
-            self._eval_outputs.clear()
-            return
-        outputs = self.gathered_eval_outputs()
-        metrics = score_predictions(self.label_space, outputs["probs"], outputs["gold"])
-        self.last_eval = {"stage": stage, "metrics": metrics, **outputs}
-        for key in ("top1", "top5", "top10", "macro_f1_present", "macro_auc", "base_acc", "severity_acc"):
+    def _log_epoch_metrics(self, stage: str, metrics: dict[str, float]) -> None:
+        for key in LOGGED_METRICS:
             if key in metrics and not math.isnan(metrics[key]):
-                # Every rank scored the same gathered outputs; sync_dist averages identical values (a no-op) and
-                # keeps the key on every rank, which ModelCheckpoint's monitor needs.
+                # Every rank holds the same values (synchronised or gathered); sync_dist averages identical values
+                # (a no-op) and keeps the key on every rank, which ModelCheckpoint's monitor needs.
                 self.log(f"{stage}/{key}", metrics[key], prog_bar=key == "top1", sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        if self._val_batches and not self.trainer.sanity_checking:
+            self._log_epoch_metrics("val", self.val_metrics.compute())
+        self.val_metrics.reset()
+        self._val_batches = 0
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        if not self._eval_outputs:
+            return
+        outputs = self.gathered_eval_outputs()
+        metrics = score_predictions(self.label_space, outputs["probs"], outputs["gold"])
+        self.last_eval = {"stage": "test", "metrics": metrics, **outputs}
+        self._log_epoch_metrics("test", metrics)
 
     # ----------------------------------------------------------------------------------------------------------
     # optimisation
