@@ -37,7 +37,7 @@ from drg_llama.models.backbone import (
     pooled_logits,
     save_adapter,
 )
-from drg_llama.models.loop_metrics import DRGLoopMetrics
+from drg_llama.models.loop_metrics import DRGEpochMetrics
 from drg_llama.models.packing import is_packed, packed_logits
 
 #: The epoch metrics logged as ``val/<key>`` (torchmetrics) and ``test/<key>`` (metrics.py).
@@ -103,7 +103,7 @@ class DRGClassifier(L.LightningModule):
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         # Validation is scored by torchmetrics (per-class counts summed over ranks), test by metrics.py on the
         # gathered probabilities; the keys and, but for the binned AUROC, the values agree (tests/test_metrics.py).
-        self.val_metrics = DRGLoopMetrics(label_space)
+        self.val_metrics = DRGEpochMetrics(label_space)
         self._val_batches = 0
 
     @staticmethod
