@@ -11,8 +11,19 @@ overlays come after them, so the grid wins.
 
 Each point trains into ``OUT/<point>/`` (``context-256_model-tiny``), an ordinary run directory that ``evaluate``,
 ``predict``, the notebooks and the report read. A point with ``test_metrics.json`` is finished and skipped; a point
-with only ``checkpoints/last.ckpt`` resumes from it. ``OUT/sweep.csv`` has one row per point: variant, model,
-parameter count, context length, headline test metrics and wall time.
+with only ``checkpoints/last.ckpt`` resumes from it. ``OUT/sweep.csv`` has one row per finished point: variant,
+model, parameter count, context length, headline test metrics and wall time.
+
+``--shard i/N`` trains only slice ``i`` of ``N`` (numbered from 1), so a job array spreads the points over GPUs or
+nodes: the grid's points, in the order above (the last axis varies fastest), are dealt round robin, point ``k``
+(from 0) to slice ``k % N + 1``. Every slice of one sweep must get the same grid, arguments and ``--out``::
+
+    python -m drg_llama.sweep --grid context=256,512 --grid model=tiny,smollm2_135m --shard 1/2 --out sweeps/s
+    python -m drg_llama.sweep --grid context=256,512 --grid model=tiny,smollm2_135m --shard 2/2 --out sweeps/s
+
+A slice that is run again skips its finished points and resumes the others. Each slice ends by writing ``sweep.csv``
+from every finished point of the whole grid (its own and the other slices'), so the slice that ends last leaves the
+complete table; run any slice again to rebuild it.
 """
 
 from __future__ import annotations
@@ -21,7 +32,9 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,21 +105,62 @@ def point_name(point: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
-def run_sweep(variant: str, grid: list[tuple[str, list[str]]], train_args: list[str], out: str | Path) -> pd.DataFrame:
-    """Train every grid point not finished yet, then write and return ``OUT/sweep.csv``.
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"2/4"`` -> ``(2, 4)``: slice 2 of 4, slices numbered from 1; anything else stops with one sentence."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if match is None:
+        raise SystemExit(f"error: --shard {spec!r} must look like i/N, slice i of N counted from 1 (e.g. 1/4)")
+    index, count = int(match[1]), int(match[2])
+    if count < 1:
+        raise SystemExit(f"error: --shard {spec!r} asks for {count} slices; N must be at least 1")
+    if not 1 <= index <= count:
+        raise SystemExit(f"error: --shard {spec!r} names no slice: the {count} slices are numbered 1 to {count}")
+    return index, count
+
+
+def shard_points(points: list[dict[str, str]], shard: tuple[int, int] | None) -> list[dict[str, str]]:
+    """The points of slice ``i`` of ``N``: point ``k`` (from 0, grid order) goes to slice ``k % N + 1``.
+
+    Round robin keeps the slices within one point of each other in size, and the assignment depends only on the grid
+    and ``N``, so every job of an array computes the same partition without talking to the others.
+    """
+    if shard is None:
+        return points
+    index, count = shard
+    return points[index - 1 :: count]
+
+
+def grid_points(grid: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
+    """Every point of the grid: the product of its axes, the last axis varying fastest."""
+    keys = [k for k, _ in grid]
+    return [dict(zip(keys, values)) for values in itertools.product(*(v for _, v in grid))]
+
+
+def run_sweep(
+    variant: str,
+    grid: list[tuple[str, list[str]]],
+    train_args: list[str],
+    out: str | Path,
+    shard: tuple[int, int] | None = None,
+) -> pd.DataFrame:
+    """Train every grid point (of the slice) not finished yet, then write and return ``OUT/sweep.csv``.
 
     Args:
         variant: ``single_label`` or ``two_label``.
         grid: Axes from :func:`parse_grid`; the points are their product, in the order given.
         train_args: Arguments for every point (``--config`` files, dotted overrides).
         out: Sweep folder; each point trains into ``OUT/<point>/``.
+        shard: ``(i, N)`` from :func:`parse_shard` to train only slice ``i`` of ``N``; None trains every point.
+            ``sweep.csv`` always covers every finished point of the whole grid.
     """
     from drg_llama.train import main as train_main
 
     out = Path(out).resolve()
-    keys = [k for k, _ in grid]
-    points = [dict(zip(keys, values)) for values in itertools.product(*(v for _, v in grid))]
-    for point in points:
+    points = grid_points(grid)
+    mine = shard_points(points, shard)
+    if shard is not None:
+        log.info("sweep: slice %d/%d trains %d of the grid's %d points", *shard, len(mine), len(points))
+    for point in mine:
         name = point_name(point)
         run_dir = out / name
         if (run_dir / "test_metrics.json").exists():
@@ -124,16 +178,37 @@ def run_sweep(variant: str, grid: list[tuple[str, list[str]]], train_args: list[
             "--trainer.callbacks+=drg_llama.sweep.ParameterCount",
         ]
         last = run_dir / "checkpoints" / "last.ckpt"
-        if last.exists():
+        resumed = last.exists()  # asked before training, which writes last.ckpt
+        if resumed:
             log.info("sweep: %s resumes from %s", name, last)
             args += ["--ckpt_path", str(last)]
         start = time.perf_counter()
         train_main(args)
-        record = {"point": point, "wall_seconds": round(time.perf_counter() - start, 2), "resumed": last.exists()}
-        (run_dir / POINT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    frame = sweep_table(out, [point_name(p) for p in points], variant)
-    frame.to_csv(out / "sweep.csv", index=False)
-    return frame
+        record = {
+            "point": point,
+            "wall_seconds": round(time.perf_counter() - start, 2),
+            "resumed": resumed,
+            "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
+        }
+        write_atomically(run_dir / POINT_FILE, json.dumps(record, indent=2) + "\n")
+    return write_sweep_table(out, [point_name(p) for p in points], variant)
+
+
+def write_sweep_table(out: Path, names: list[str], variant: str) -> pd.DataFrame:
+    """Write ``OUT/sweep.csv`` from every finished point among ``names`` (atomically) and return it.
+
+    Slices of a sharded sweep end at different times and each writes the table. A slice that read the folder just
+    before another slice finished a point would overwrite that slice's newer table with an older one, so after each
+    write the table is read again from the run folders and written again if anything changed meanwhile. Every slice
+    writes after its last change to the folder, so the last write of all holds every finished point.
+    """
+    frame = sweep_table(out, names, variant)
+    while True:
+        write_atomically(out / "sweep.csv", frame.to_csv(index=False))
+        again = sweep_table(out, names, variant)
+        if again.equals(frame):
+            return frame
+        frame = again
 
 
 def sweep_table(out: Path, names: list[str], variant: str) -> pd.DataFrame:
@@ -170,6 +245,22 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` complete or not at all: a temporary file beside it, then a rename over it.
+
+    The temporary name is unique across processes and machines: slices on two nodes may share a process id.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Parse the command line, run the sweep and print where sweep.csv is."""
     parser = argparse.ArgumentParser(
@@ -180,9 +271,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--variant", default="two_label", choices=("single_label", "two_label"))
     parser.add_argument("--grid", action="append", default=[], help="axis=v1,v2 (context, model or a dotted key)")
     parser.add_argument("--out", default=None, help="sweep folder (default sweeps/<variant>)")
+    parser.add_argument(
+        "--shard", default=None, help="i/N: train only slice i of N (from 1) of the grid, e.g. one job of an array"
+    )
     args, train_args = parser.parse_known_args(argv)
     grid = parse_grid(args.grid)
-    frame = run_sweep(args.variant, grid, train_args, args.out or f"sweeps/{args.variant}")
+    shard = None if args.shard is None else parse_shard(args.shard)
+    frame = run_sweep(args.variant, grid, train_args, args.out or f"sweeps/{args.variant}", shard)
     print(frame.drop(columns=["run_dir"], errors="ignore").to_string(index=False))
     print(f"\nsweep table: {Path(args.out or f'sweeps/{args.variant}') / 'sweep.csv'}")
     return frame

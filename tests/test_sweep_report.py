@@ -88,6 +88,106 @@ def test_sweep_writes_one_run_per_point_and_skips_finished_points(swept, monkeyp
     assert {p: (swept / p / "test_metrics.json").stat().st_mtime_ns for p in table["point"]} == stamps
 
 
+def test_shards_split_the_grid_round_robin_and_bad_values_stop_in_one_sentence(tmp_path):
+    points = [{"p": str(k)} for k in range(5)]
+    assert sweep.parse_shard("2/3") == (2, 3) and sweep.parse_shard(" 1 / 1 ") == (1, 1)
+    assert [p["p"] for p in sweep.shard_points(points, (1, 2))] == ["0", "2", "4"]
+    assert [p["p"] for p in sweep.shard_points(points, (2, 2))] == ["1", "3"]
+    assert sweep.shard_points(points, None) == points
+    for count in (1, 2, 3, 5, 7):  # every point in exactly one slice; sizes within one of each other
+        slices = [sweep.shard_points(points, (i, count)) for i in range(1, count + 1)]
+        assert sorted((p for s in slices for p in s), key=lambda p: p["p"]) == points
+        assert max(map(len, slices)) - min(map(len, slices)) <= 1
+    grid = sweep.parse_grid(["a=1,2", "b=x,y,z"])  # the order the slices deal from: the last axis varies fastest
+    assert [sweep.point_name(p) for p in sweep.grid_points(grid)][:4] == ["a-1_b-x", "a-1_b-y", "a-1_b-z", "a-2_b-x"]
+
+    bad = {
+        "0/4": "the 4 slices are numbered 1 to 4",
+        "5/4": "the 4 slices are numbered 1 to 4",
+        "1/0": "asks for 0 slices; N must be at least 1",
+        "2": "must look like i/N",
+        "1/4/2": "must look like i/N",
+        "-1/4": "must look like i/N",
+        "1.5/4": "must look like i/N",
+        "a/b": "must look like i/N",
+        "": "must look like i/N",
+    }
+    for spec, message in bad.items():
+        with pytest.raises(SystemExit) as exit_:
+            sweep.parse_shard(spec)
+        text = str(exit_.value.code)
+        assert text.startswith(f"error: --shard {spec!r} ") and message in text and "\n" not in text, text
+    with pytest.raises(SystemExit, match="numbered 1 to 2"):  # through the command line, before any training
+        sweep.main(["--variant", "two_label", *GRID, "--shard", "3/2", "--out", str(tmp_path / "sweep")])
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sharded_sweep_writes_the_same_table_as_an_unsharded_one(swept, tmp_path, monkeypatch):
+    out = tmp_path / "sharded"
+    args = ["--variant", "two_label", "--config", str(CONFIG_DIR / "tiny.yaml"), *GRID, "--out", str(out)]
+    sweep.main([*args, "--shard", "2/2"])  # the second slice may well end first
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["data.max_length-48"]
+    partial = pd.read_csv(out / "sweep.csv")
+    assert list(partial["point"]) == ["data.max_length-48"]  # only what is finished so far
+    sweep.main([*args, "--shard", "1/2"])
+    assert json.loads((out / "data.max_length-32" / sweep.POINT_FILE).read_text())["shard"] == "1/2"
+
+    varying = ["run_dir", "wall_seconds"]  # where the runs live and how long they took
+    unsharded = pd.read_csv(swept / "sweep.csv").drop(columns=varying)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "sweep.csv").drop(columns=varying), unsharded)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+    def no_training(argv):
+        raise AssertionError(f"a finished point was trained again: {argv}")
+
+    monkeypatch.setattr("drg_llama.train.main", no_training)
+    (out / "sweep.csv").unlink()
+    sweep.main([*args, "--shard", "2/2"])  # a slice run again skips its points and still merges the whole grid
+    pd.testing.assert_frame_equal(pd.read_csv(out / "sweep.csv").drop(columns=varying), unsharded)
+
+
+def _finished_point(out: Path, name: str, top1: float) -> None:
+    """The files sweep_table reads from a finished point's run folder."""
+    run = out / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  backbone:\n    name_or_path: random\ndata:\n  max_length: 32\n")
+    (run / "test_metrics.json").write_text(json.dumps({"metrics": {"top1": top1}}))
+
+
+def test_merge_keeps_a_point_another_slice_finishes_while_it_writes(tmp_path, monkeypatch):
+    _finished_point(tmp_path, "a", 0.5)
+    build = sweep.sweep_table
+    calls = []
+
+    def other_slice_finishes_right_after_the_first_read(out, names, variant):
+        frame = build(out, names, variant)
+        calls.append(len(frame))
+        if len(calls) == 1:  # this slice has read the folder; the other slice now finishes "b" and writes its table
+            _finished_point(tmp_path, "b", 0.25)
+            sweep.write_atomically(tmp_path / "sweep.csv", build(out, names, variant).to_csv(index=False))
+        return frame
+
+    monkeypatch.setattr(sweep, "sweep_table", other_slice_finishes_right_after_the_first_read)
+    frame = sweep.write_sweep_table(tmp_path, ["a", "b"], "two_label")
+    assert calls == [1, 2, 2]  # the stale table was written, found out of date, and written again
+    assert list(frame["point"]) == ["a", "b"]
+    assert list(pd.read_csv(tmp_path / "sweep.csv")["top1"]) == [0.5, 0.25]
+
+
+def test_sweep_table_is_written_complete_or_not_at_all(tmp_path, monkeypatch):
+    _finished_point(tmp_path, "a", 0.5)
+    (tmp_path / "sweep.csv").write_text("the previous table\n")
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sweep.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        sweep.write_sweep_table(tmp_path, ["a"], "two_label")
+    assert (tmp_path / "sweep.csv").read_text() == "the previous table\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "sweep.csv"]
+
+
 def test_evaluate_writes_the_analysis_sections(swept):
     run = swept / "data.max_length-48"
     report = json.loads((run / "eval" / "metrics.json").read_text())
