@@ -63,8 +63,8 @@ def free_port() -> int:
 def test_two_nodes_on_localhost_agree_and_score_every_test_row_once(cache, tmp_path):
     prepared = DRGDataModule(synthetic_n=300).prepared_dir  # the tiny config's corpus, built before both nodes start
     n_test = min(len(pd.read_parquet(prepared / "test.parquet")), 40)  # tiny.yaml's limit_test
-    # 12 rows per evaluation batch cut the test split into an odd number of batches, so the distributed sampler must
-    # pad one node with repeated rows: scoring each row once is then something the gather has to get right.
+    # 12 rows per evaluation batch cut the test split into an odd number of batches, so the nodes get unequal numbers
+    # of batches: evaluation is not padded with repeated rows (metrics synchronised over nodes would count them twice).
     eval_batch = 12
     assert (-(-n_test // eval_batch)) % 2 == 1
     (tmp_path / "node.py").write_text(NODE_SCRIPT)
@@ -130,8 +130,7 @@ def test_two_nodes_on_localhost_agree_and_score_every_test_row_once(cache, tmp_p
     rows = [json.loads((tmp_path / f"rows-node{rank}.json").read_text()) for rank in (0, 1)]
     assert [(r["global_rank"], r["world_size"]) for r in rows] == [(0, 2), (1, 2)]
     scored = rows[0]["rows"] + rows[1]["rows"]
-    assert len(scored) > n_test  # the sampler padded: some rows were scored on both nodes ...
-    assert sorted(set(scored)) == list(range(n_test))  # ... every row by at least one, and metrics count each once
+    assert sorted(scored) == list(range(n_test))  # every row scored by exactly one node
 
     # One run folder, written by node 0 only, holding the metrics both nodes computed.
     run_dirs = sorted((tmp_path / "runs" / "single_label").iterdir())

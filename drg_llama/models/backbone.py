@@ -24,6 +24,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,8 +213,8 @@ def save_dequantized(model: nn.Module, tokenizer: Any, folder: str | Path) -> Pa
     """Save a GGUF-loaded model as a plain safetensors HF folder (plus tokenizer), atomically.
 
     A GGUF-loaded model refuses ``save_pretrained``, so we rebuild a plain model from its config (without the
-    GGUF ``quantization_config``) and copy the weights in strictly. Concurrent callers (e.g. DDP ranks) each write a
-    private temporary folder and the first rename wins.
+    GGUF ``quantization_config``) and copy the weights in strictly. Concurrent callers (e.g. DDP ranks, or nodes
+    sharing the cache) each write a private temporary folder and the first rename wins.
     """
     from transformers import AutoModelForCausalLM
 
@@ -224,8 +225,9 @@ def save_dequantized(model: nn.Module, tokenizer: Any, folder: str | Path) -> Pa
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict(), strict=True)
 
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A fresh private folder: process ids repeat across machines (containers), and nodes may share this cache.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     try:
