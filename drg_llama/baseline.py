@@ -17,6 +17,7 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ def run_baseline(
     max_iter: int = 100,
     tol: float = 1e-3,
     seed: int = 0,
+    text_window: Callable[[Sequence[str]], list[str]] | None = None,
+    text_window_name: str | None = None,
 ) -> dict[str, Any]:
     """Fit TF-IDF + multinomial logistic regression on ``train`` and score ``split``; write metrics.json.
 
@@ -88,6 +91,9 @@ def run_baseline(
         max_iter: Passes over the data (saga) or iterations (lbfgs).
         tol: Stopping tolerance.
         seed: Seed for saga's sampling order.
+        text_window: Applied to every note first, e.g. an LLM run's ``DRGDataModule.visible_text`` so the baseline
+            reads only the tokens the model reads; default the whole course.
+        text_window_name: How ``metrics.json`` names that window (e.g. ``first 128 tokens``).
 
     Returns:
         The dict written to ``metrics.json``.
@@ -118,7 +124,8 @@ def run_baseline(
     vectorizer = TfidfVectorizer(
         ngram_range=(1, 2), sublinear_tf=True, max_features=max_features, min_df=min_df, dtype=np.float32
     )
-    x_train = vectorizer.fit_transform(train["text"].to_numpy())
+    window = text_window or (lambda texts: list(texts))
+    x_train = vectorizer.fit_transform(window(train["text"].tolist()))
     logger.info("TF-IDF: %d training notes, %d features.", x_train.shape[0], x_train.shape[1])
     model = LogisticRegression(C=C, solver=solver, max_iter=max_iter, tol=tol, random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
@@ -130,7 +137,7 @@ def run_baseline(
     train_seconds = time.perf_counter() - start
 
     probs = np.zeros((len(scored), len(classes)))  # [N, C]; classes unseen in training keep probability 0
-    probs[:, model.classes_] = model.predict_proba(vectorizer.transform(scored["text"].to_numpy()))
+    probs[:, model.classes_] = model.predict_proba(vectorizer.transform(window(scored["text"].tolist())))
     majority = int(np.bincount(y_train, minlength=len(classes)).argmax())
     majority_probs = np.zeros_like(probs)
     majority_probs[:, majority] = 1.0
@@ -148,6 +155,7 @@ def run_baseline(
         "limit_train": limit_train,
         "limit_eval": limit_eval,
         "features": int(x_train.shape[1]),
+        "text_window": text_window_name or ("custom" if text_window else "the whole hospital course"),
         "converged": converged,
         "train_seconds": round(train_seconds, 2),
         "config": {

@@ -215,6 +215,9 @@ def _train_classifier(variant: str, args: list[str]) -> dict:
                 label_space=model.label_space,
                 limit_train=data.limits["train"],
                 limit_eval=data.limits["test"],
+                # the same words the model reads: a longer context is then no advantage of one side
+                text_window=data.visible_text,
+                text_window_name=f"{data.truncation} {data.max_length} tokens of the model's tokenizer",
             )
             results["tf-idf + logistic regression"] = baseline["metrics"]
             results["majority class"] = baseline["majority_class"]

@@ -128,3 +128,20 @@ def test_cli_errors_are_one_line(prepared, tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
     with pytest.raises(UserError):  # --debug: the exception itself, with its traceback
         _main(["--data", str(prepared), "--out", str(tmp_path / "out"), "--debug"])
+
+
+def test_baseline_reads_only_the_text_window_it_is_given(prepared, tmp_path):
+    """Sweeps compare an LLM reading N tokens with TF-IDF on the same N tokens: the window must apply to train and
+    scored notes alike, and metrics.json says which window it was."""
+    seen: list[str] = []
+
+    def first_word(texts):
+        seen.extend(texts)
+        return [t.split()[0] for t in texts]
+
+    whole = run_baseline(prepared, tmp_path / "whole", min_df=1)
+    window = run_baseline(prepared, tmp_path / "window", min_df=1, text_window=first_word, text_window_name="1 word")
+    assert window["features"] < whole["features"] and window["text_window"] == "1 word"
+    assert whole["text_window"] == "the whole hospital course"
+    assert len(seen) == window["n_train"] + int(window["metrics"]["n"])  # train and scored notes both cut
+    assert json.loads((tmp_path / "window" / "metrics.json").read_text())["text_window"] == "1 word"

@@ -488,3 +488,14 @@ def test_evaluation_shards_score_every_row_once_across_ranks(packed):
     assert sorted(sum(evaluated, [])) == list(range(53))  # each row exactly once
     assert all(len(sampler(rank, train=False)) == len(list(sampler(rank, train=False))) for rank in range(3))
     assert len({len(sampler(rank, train=True).batches()) for rank in range(3)}) == 1  # equal steps in training
+
+
+def test_visible_text_is_what_training_reads(prepared):
+    folder, splits = prepared
+    dm = make_dm(folder, max_length=6, truncation="head")
+    texts = splits["train"]["text"].tolist()[:3]
+    visible = dm.visible_text(texts)
+    for text, seen in zip(texts, visible):
+        ids = dm.tokenizer(seen, add_special_tokens=False)["input_ids"]
+        prefix, suffix = special_tokens(dm.tokenizer)
+        assert len(ids) <= 6 - len(prefix) - len(suffix) and text.startswith(seen.strip().split()[0])

@@ -42,7 +42,8 @@ def test_train_writes_every_artifact(runs, variant):
     run_dir, results = runs[variant]
     for name in ("config.yaml", "run.json", "metrics.csv", "label_space.json", "test_metrics.json"):
         assert (run_dir / name).exists(), name
-    assert (run_dir / "baseline" / "metrics.json").exists()
+    baseline = json.loads((run_dir / "baseline" / "metrics.json").read_text())
+    assert baseline["text_window"] == "head 64 tokens of the model's tokenizer"  # tiny.yaml: the model's window
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in checkpoints and any(c.startswith("best-") for c in checkpoints)

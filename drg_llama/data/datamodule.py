@@ -730,6 +730,14 @@ class DRGDataModule(LightningDataModule):
         self._tokenizer = tokenizer
         self._tokenizer_fp = fingerprint
 
+    def visible_text(self, texts: Sequence[str]) -> list[str]:
+        """What the model reads of each note: its tokens cut to ``max_length`` as training cuts them, decoded.
+
+        The TF-IDF baseline scores these, so a context-length comparison gives both systems the same words.
+        """
+        ids = encode_texts(self.tokenizer, texts, self.max_length, self.truncation)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
     @property
     def resolved_padding_side(self) -> str:
         """``padding_side`` if given, else the tokenizer's."""
