@@ -186,6 +186,53 @@ def sweep_lines(
     return fig
 
 
+def sweep_depth_lines(sweep: pd.DataFrame, metrics: Sequence[str] = ("top1", "macro_f1_present")) -> plt.Figure:
+    """Metrics against decoder layers, one line per context length, the TF-IDF baseline dashed in the same colour.
+
+    Solid lines are the sweep's main grid (the most common epochs and LoRA targets); points trained longer or with
+    other LoRA targets are drawn as labelled markers, so a depth x context x epochs sweep reads in one figure.
+    """
+    frame = sweep.dropna(subset=["num_hidden_layers"])
+    main_epochs = frame["max_epochs"].mode().iloc[0]
+    main_lora = frame["lora_target_modules"].mode().iloc[0]
+    main = frame[(frame["max_epochs"] == main_epochs) & (frame["lora_target_modules"] == main_lora)]
+    extra = frame.drop(main.index)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    colours = dict(zip(sorted(frame["context_length"].unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, metric in zip(axes[0], metrics):
+        for context, group in main.groupby("context_length", sort=True):
+            group = group.sort_values("num_hidden_layers")
+            colour = colours[context]
+            ax.plot(group["num_hidden_layers"], group[metric], marker="o", color=colour, label=f"{context} tokens")
+            baseline = group[f"baseline_{metric}"].dropna()
+            if len(baseline):  # the same notes and token window at every depth: one value per context
+                ax.axhline(baseline.mean(), color=colour, linestyle="--", linewidth=1)
+        for row in extra.itertuples():
+            lora = "" if row.lora_target_modules == main_lora else ", LoRA on all linear layers"
+            label = f"{row.context_length} tokens, {row.max_epochs} epochs{lora}"
+            marker = "*" if row.max_epochs != main_epochs else "D"
+            ax.plot(
+                [row.num_hidden_layers],
+                [getattr(row, metric)],
+                marker,
+                ms=11,
+                color=colours[row.context_length],
+                markeredgecolor="black",
+                label=label,
+            )
+        ax.set_xscale("log", base=2)
+        layers = sorted(frame["num_hidden_layers"].unique())
+        ax.set_xticks(layers, [str(int(d)) for d in layers])
+        ax.set_xlabel("decoder layers kept")
+        ax.set_title(f"{HEADLINE.get(metric, metric)} (test)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].plot([], [], "--", color="grey", linewidth=1, label="TF-IDF on the same tokens")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"Sweep: LLM by decoder layers and context ({int(main_epochs)} epoch(s) unless marked)")
+    fig.tight_layout()
+    return fig
+
+
 def reliability_diagram(calibration: dict[str, Any]) -> plt.Figure:
     """Accuracy against confidence per bin, before and after temperature scaling, with the diagonal."""
     fig, ax = plt.subplots(figsize=(4.6, 4.2))

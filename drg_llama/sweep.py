@@ -5,14 +5,16 @@
         --out sweeps/demo --run_baseline false
 
 Grid axes: ``context=N`` applies ``configs/context/N.yaml`` (or ``--data.max_length N`` when there is no such file),
-``model=M`` applies ``configs/models/M.yaml``, any other ``dotted.key=v1,v2`` is passed as ``--dotted.key v``. Every
-other argument (``--config``, dotted overrides) goes to ``python -m drg_llama.train`` for every point; the grid
-overlays come after them, so the grid wins.
+``model=M`` applies ``configs/models/M.yaml``, ``lora=all_linear`` (any folder of ``configs/``: ``NAME=V`` applies
+``configs/NAME/V.yaml``), any other ``dotted.key=v1,v2`` is passed as ``--dotted.key v``. Every other argument
+(``--config``, dotted overrides) goes to ``python -m drg_llama.train`` for every point; the grid overlays come after
+them, so the grid wins.
 
 Each point trains into ``OUT/<point>/`` (``context-256_model-tiny``), an ordinary run directory that ``evaluate``,
 ``predict``, the notebooks and the report read. A point with ``test_metrics.json`` is finished and skipped; a point
-with only ``checkpoints/last.ckpt`` resumes from it. ``OUT/sweep.csv`` has one row per finished point: variant,
-model, parameter count, context length, headline test metrics and wall time.
+with only ``checkpoints/last.ckpt`` resumes from it. ``OUT/sweep.csv`` has one row per finished point in ``OUT`` (so
+several sweeps with different grids can share one folder): variant, model, decoder layers, parameter counts, context
+length, epochs, LoRA targets, headline test metrics, the TF-IDF baseline's on the same token window, and wall time.
 
 ``--shard i/N`` trains only slice ``i`` of ``N`` (numbered from 1), so a job array spreads the points over GPUs or
 nodes: the grid's points, in the order above (the last axis varies fastest), are dealt round robin, point ``k``
@@ -48,6 +50,8 @@ log = logging.getLogger("drg_llama.sweep")
 
 #: Headline test metrics copied into sweep.csv.
 HEADLINE = ("top1", "top5", "macro_f1_present", "macro_auc", "base_acc", "severity_acc", "ece")
+#: The TF-IDF baseline's figures copied into sweep.csv (as ``baseline_<key>``), on the point's token window.
+BASELINE_HEADLINE = ("top1", "top5", "macro_f1_present", "macro_auc")
 POINT_FILE = "sweep_point.json"
 PARAMETERS_FILE = "parameters.json"
 
@@ -62,9 +66,19 @@ class ParameterCount(L.Callback):
             counts = {
                 "parameters": sum(p.numel() for p in params),
                 "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+                # the layers the model was built with (a null num_hidden_layers means the checkpoint's own count)
+                "num_hidden_layers": _built_layers(pl_module),
             }
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / PARAMETERS_FILE).write_text(json.dumps(counts) + "\n")
+
+
+def _built_layers(module: L.LightningModule) -> int | None:
+    for sub in module.modules():
+        layers = getattr(getattr(sub, "config", None), "num_hidden_layers", None)
+        if layers is not None:
+            return int(layers)
+    return None
 
 
 def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
@@ -95,6 +109,12 @@ def axis_args(key: str, value: str) -> list[str]:
         if not overlay.exists():
             known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml")))
             raise SystemExit(f"error: no model overlay {overlay}; choose one of {known} or give a .yaml path")
+        return ["--config", str(overlay)]
+    if "." not in key and (CONFIG_DIR / key).is_dir():  # an overlay folder of configs/, e.g. lora=all_linear
+        overlay = CONFIG_DIR / key / f"{value}.yaml"
+        if not overlay.exists():
+            known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml")))
+            raise SystemExit(f"error: no overlay {overlay}; choose one of {known}")
         return ["--config", str(overlay)]
     return [f"--{key}={value}"]
 
@@ -191,7 +211,13 @@ def run_sweep(
             "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
         }
         write_atomically(run_dir / POINT_FILE, json.dumps(record, indent=2) + "\n")
-    return write_sweep_table(out, [point_name(p) for p in points], variant)
+    return write_sweep_table(out, finished_points(out, [point_name(p) for p in points]), variant)
+
+
+def finished_points(out: Path, names: list[str]) -> list[str]:
+    """``names`` (this grid, in its order), then every other point folder in ``out`` (earlier sweeps), sorted."""
+    others = sorted(p.parent.name for p in out.glob(f"*/{POINT_FILE}") if p.parent.name not in names)
+    return [*names, *others]
 
 
 def write_sweep_table(out: Path, names: list[str], variant: str) -> pd.DataFrame:
@@ -229,12 +255,15 @@ def sweep_table(out: Path, names: list[str], variant: str) -> pd.DataFrame:
             "point": name,
             "variant": variant,
             "model": point.get("point", {}).get("model", backbone.get("name_or_path")),
+            "num_hidden_layers": params.get("num_hidden_layers", backbone.get("num_hidden_layers")),
             "parameters": params.get("parameters"),
             "trainable_parameters": params.get("trainable_parameters"),
             "context_length": config["data"]["max_length"],
+            "max_epochs": config["trainer"].get("max_epochs"),
+            "lora_target_modules": "+".join(backbone.get("lora_target_modules") or []),
         }
         row |= {key: metrics.get(key) for key in HEADLINE}
-        row["baseline_top1"] = baseline.get("top1")
+        row |= {f"baseline_{key}": baseline.get(key) for key in BASELINE_HEADLINE}
         row["wall_seconds"] = point.get("wall_seconds")
         row["run_dir"] = str(run_dir)
         rows.append(row)

@@ -52,6 +52,9 @@ def test_grid_axes_become_training_arguments():
     assert sweep.axis_args("context", "100") == ["--data.max_length=100"]  # no overlay for 100 tokens
     assert sweep.axis_args("model", "smollm2_135m") == ["--config", str(CONFIG_DIR / "models" / "smollm2_135m.yaml")]
     assert sweep.axis_args("data.batch_size", "4") == ["--data.batch_size=4"]
+    assert sweep.axis_args("lora", "all_linear") == ["--config", str(CONFIG_DIR / "lora" / "all_linear.yaml")]
+    with pytest.raises(SystemExit, match="no overlay .*choose one of all_linear"):
+        sweep.axis_args("lora", "everything")
     assert sweep.point_name({"context": "256", "model": "tiny"}) == "context-256_model-tiny"
     with pytest.raises(SystemExit, match="no model overlay"):
         sweep.axis_args("model", "gpt5")
@@ -86,6 +89,24 @@ def test_sweep_writes_one_run_per_point_and_skips_finished_points(swept, monkeyp
     )
     assert list(again["point"]) == list(table["point"])
     assert {p: (swept / p / "test_metrics.json").stat().st_mtime_ns for p in table["point"]} == stamps
+    # a sweep with another grid in the same folder: the table keeps the earlier points after its own
+    one = sweep.main(
+        ["--variant", "two_label", "--config", str(CONFIG_DIR / "tiny.yaml"), "--grid", "data.max_length=48"]
+        + ["--out", str(swept)]
+    )
+    assert list(one["point"]) == ["data.max_length-48", "data.max_length-32"]
+
+
+def test_sweep_table_names_depth_epochs_lora_and_the_windowed_baseline(swept):
+    table = pd.read_csv(swept / "sweep.csv").set_index("point")
+    assert (table["num_hidden_layers"] == 2).all() and (table["max_epochs"] == 1).all()  # tiny.yaml: 2 layers
+    assert (table["lora_target_modules"] == "q_proj+k_proj+v_proj+o_proj").all()
+    assert table["baseline_top1"].between(0, 1).all() and table["baseline_macro_f1_present"].notna().all()
+    windows = {p: json.loads((swept / p / "baseline" / "metrics.json").read_text())["text_window"] for p in table.index}
+    assert windows == {p: f"head {n} tokens of the model's tokenizer" for p, n in table["context_length"].items()}
+    from drg_llama.plots import sweep_depth_lines
+
+    assert len(sweep_depth_lines(table.reset_index()).axes) == 2
 
 
 def test_shards_split_the_grid_round_robin_and_bad_values_stop_in_one_sentence(tmp_path):
