@@ -75,7 +75,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from drg_llama.data.prepared import verify as verify_prepared
-from drg_llama.drg import SEVERITIES, LabelSpace, get_table, resolve_version
+from drg_llama.drg import SEVERITIES, LabelSpace, resolve_version
 from drg_llama.errors import UserError
 from drg_llama.models.backbone import SMOLLM2_NAME, BackboneConfig, default_cache_dir, load_tokenizer
 from drg_llama.models.packing import PackedCollator, pack_sequences, packed_tokens
@@ -811,14 +811,14 @@ class DRGDataModule(LightningDataModule):
 
     def _label_arrays(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """labels [N], base_labels [N], severity_mask [N, 3] for the DRGs in ``frame.drg_code``."""
-        space, table = self.label_space, get_table(self.drg_version)
+        space = self.label_space
         per_code: dict[int, tuple[int, int, tuple[bool, ...]]] = {}
         for code in frame["drg_code"].unique().tolist():
             if code in space:
                 index, base, mask = space.encode(code)
             else:  # unseen in training: an error at evaluation, but its allowed severities are still known
-                allowed = table.allowed_severities(code) if code in table else frozenset()
-                index, base, mask = -1, -1, tuple(s in allowed for s in SEVERITIES)
+                allowed = space.facts([code]).severities[0]
+                index, base, mask = -1, -1, tuple(s.value in allowed for s in SEVERITIES)
             per_code[int(code)] = (index, base if self.variant == "two_label" else -1, mask)
         codes = frame["drg_code"].astype(np.int64).tolist()
         labels = np.array([per_code[c][0] for c in codes], dtype=np.int64)

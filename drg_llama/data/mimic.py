@@ -56,7 +56,16 @@ from drg_llama import __version__
 from drg_llama.data.csvfiles import DataError, check_encoding, check_text, int_column, iter_csv, read_header
 from drg_llama.data.grouping import find_files, group_stays
 from drg_llama.data.prepared import SPLIT_FILES, check_output, verify, write_manifest, writing_folder
-from drg_llama.drg import ERROR_DRGS, TitleMapping, get_table, map_title, msdrg_version, resolve_version
+from drg_llama.drg import (
+    ERROR_DRGS,
+    SEVERITIES,
+    DRGFacts,
+    TitleMapping,
+    get_table,
+    map_title,
+    msdrg_version,
+    resolve_version,
+)
 
 DEFAULT_MIN_WORDS = 40
 # MIMIC-IV courses top out at a few thousand words; a 10k-word course is a paste error or a concatenated record.
@@ -111,7 +120,6 @@ OUTPUT_SCHEMA = pa.schema(
         ("grouped_drg", pa.int64()),  # msdrg on the stay's ICD-10 codes (null if not grouped)
     ]
 )
-_SEVERITY_ORDER = ("NONE", "CC", "MCC")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -628,17 +636,14 @@ def _stratified_split(labels: np.ndarray, seed: int, test_fraction: float = 0.1)
 
 
 def _label_columns(codes: pd.Series, version: str) -> pd.DataFrame:
+    """Title, base DRG, allowed severities (in severity order) and MDC of each kept row's DRG."""
     table = get_table(version)
-    info = {}
-    for code in codes.unique():
-        entry = table[int(code)]
-        severities = {s.value for s in table.allowed_severities(int(code))}
-        info[code] = (
-            entry.title,
-            int(table.base(int(code))),
-            [s for s in _SEVERITY_ORDER if s in severities],
-            entry.mdc,
-        )
+    unique = codes.unique().tolist()
+    facts = DRGFacts.of(unique, version)
+    info = {
+        code: (table[code].title, int(base), [s.value for s in SEVERITIES if s.value in allowed], mdc)
+        for code, base, allowed, mdc in zip(unique, facts.base, facts.severities, facts.mdc)
+    }
     columns = ["drg_title", "base_drg", "allowed_severities", "mdc"]
     return pd.DataFrame([info[c] for c in codes], index=codes.index, columns=columns)
 
