@@ -75,6 +75,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from drg_llama.data.prepared import verify as verify_prepared
+from drg_llama.data.splits import SPLITS
 from drg_llama.drg import SEVERITIES, LabelSpace, resolve_version
 from drg_llama.errors import UserError
 from drg_llama.models.backbone import SMOLLM2_NAME, BackboneConfig, default_cache_dir, load_tokenizer
@@ -82,7 +83,6 @@ from drg_llama.models.packing import PackedCollator, pack_sequences, packed_toke
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 TRUNCATIONS = ("head", "tail", "head_tail")
 #: Sequence lengths are padded up to a multiple of this (tensor-core friendly shapes, fewer recompiles).
 PAD_MULTIPLE = 8

@@ -24,9 +24,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from drg_llama.data.csvfiles import DataError
+from drg_llama.data.splits import SPLITS
 
 MANIFEST = "manifest.json"
-SPLIT_FILES = ("train.parquet", "val.parquet", "test.parquet")
+SPLIT_FILES = tuple(f"{split}.parquet" for split in SPLITS)
 
 
 def file_record(path: Path) -> dict:
