@@ -68,13 +68,11 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from drg_llama.data.prepared import verify as verify_prepared
+from drg_llama.data.prepared import PreparedFolder, verify
 from drg_llama.data.splits import SPLITS
 from drg_llama.drg import SEVERITIES, LabelSpace, resolve_version
 from drg_llama.errors import UserError
@@ -482,7 +480,7 @@ def embedded_default_dir(n: int, seed: int, drg_version: str, cache_dir: str | P
 
 def _manifest_ok(folder: Path, version: str) -> bool:
     try:
-        manifest = verify_prepared(folder)
+        manifest = verify(folder)
     except (OSError, ValueError):  # absent, or not what its manifest says: rebuild it
         return False
     return manifest.get("drg_version") == version
@@ -585,7 +583,7 @@ class DRGDataModule(LightningDataModule):
         self.packing = packing
         self.pack_tokens = pack_tokens or max_length
 
-        self._folder: Path | None = None
+        self._folder: PreparedFolder | None = None
         self._label_space: LabelSpace | None = None
         self._tokenizer = None
         self._resume: dict[str, int] | None = None
@@ -599,40 +597,21 @@ class DRGDataModule(LightningDataModule):
     # data folder and label space
 
     @property
-    def prepared_dir(self) -> Path:
-        """The prepared folder, after checking its manifest (builds the embedded default on first access)."""
+    def prepared_folder(self) -> PreparedFolder:
+        """The prepared folder, opened after checking its manifest (builds the embedded default on first access)."""
         if self._folder is None:
             if self.data_dir is None:
-                folder = embedded_default_dir(self.synthetic_n, self.seed, self.drg_version, self.cache_dir)
+                path = embedded_default_dir(self.synthetic_n, self.seed, self.drg_version, self.cache_dir)
             else:
-                folder = Path(self.data_dir).expanduser()
-            self._check_folder(folder)
-            self._folder = folder
+                path = Path(self.data_dir).expanduser()
+            hint = ", or leave data_dir unset for the embedded synthetic corpus"
+            self._folder = PreparedFolder.open(path, drg_version=self.drg_version, hint=hint)
         return self._folder
 
-    def _check_folder(self, folder: Path) -> None:
-        if not folder.is_dir():
-            raise UserError(
-                f"data folder {folder} does not exist; create it with `python -m drg_llama.data prepare --mimic-root "
-                f"ROOT --out {folder}`, or leave data_dir unset for the embedded synthetic corpus."
-            )
-        manifest_path = folder / "manifest.json"
-        if not manifest_path.is_file():
-            raise UserError(
-                f"{folder} is not a prepared folder (no manifest.json); create one with "
-                f"`python -m drg_llama.data prepare --mimic-root ROOT --out {folder}`, or leave data_dir unset for "
-                "the embedded synthetic corpus."
-            )
-        manifest = verify_prepared(folder)  # every file's size, rows and checksum match the manifest
-        prepared = manifest.get("drg_version")
-        if prepared is None or resolve_version(prepared) != self.drg_version:
-            raise UserError(
-                f"{folder} was prepared with {prepared} but drg_version is {self.drg_version}; re-run prepare or set "
-                f"--data.drg_version {prepared}"
-            )
-        missing = [s for s in SPLITS if not (folder / f"{s}.parquet").is_file()]
-        if missing:
-            raise UserError(f"{folder} lacks {', '.join(s + '.parquet' for s in missing)}; re-run prepare.")
+    @property
+    def prepared_dir(self) -> Path:
+        """The path of :attr:`prepared_folder` (checked against its manifest on first access)."""
+        return self.prepared_folder.path
 
     @property
     def label_space(self) -> LabelSpace:
@@ -642,7 +621,7 @@ class DRGDataModule(LightningDataModule):
         """
         if self._label_space is None:
             codes = self._read_columns("train", ["drg_code"])["drg_code"]
-            path = self.prepared_dir / "train.parquet"
+            path = self.prepared_folder.split_path("train")
             if not len(codes):
                 raise UserError(f"{path} has no rows; nothing to train on (prepare more admissions).")
             if codes.nunique() < 2:
@@ -664,28 +643,13 @@ class DRGDataModule(LightningDataModule):
 
     def _read_columns(self, split: str, columns: list[str]) -> pd.DataFrame:
         """The first ``limit`` rows of a split, given columns only (never loads the text unless asked)."""
-        path = self.prepared_dir / f"{split}.parquet"
-        limit = self.limits[split]
-        try:
-            if limit is None:
-                return pq.read_table(path, columns=columns).to_pandas()
-            parts, total = [], 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=min(limit, 65_536), columns=columns):
-                parts.append(batch.to_pandas())
-                total += batch.num_rows
-                if total >= limit:
-                    break
-            frame = pd.concat(parts, ignore_index=True) if parts else pq.read_table(path, columns=columns).to_pandas()
-        except (pa.ArrowException, OSError) as err:
-            raise UserError(f"{path} is not a readable prepared split ({type(err).__name__}); re-run prepare") from None
-        return frame.iloc[:limit].reset_index(drop=True)
+        return self.prepared_folder.read(split, columns, self.limits[split])
 
     def split_frame(self, split: str) -> pd.DataFrame:
         """Admission facts of a split for evaluation writers, in row order (index = ``row``); no text.
 
         Columns: hadm_id, subject_id, drg_code, base_drg, mdc, n_words.
         """
-        _check_split(split)
         frame = self._read_columns(split, list(FRAME_COLUMNS))
         frame.index.name = "row"
         return frame
@@ -731,8 +695,7 @@ class DRGDataModule(LightningDataModule):
 
     def tokenized_path(self, split: str) -> Path:
         """Arrow file that holds (or will hold) the tokenised split for the current tokenizer and settings."""
-        parquet = self.prepared_dir / f"{split}.parquet"
-        stat = parquet.stat()
+        stat = self.prepared_folder.split_path(split).stat()
         _ = self.tokenizer  # loading the tokenizer sets _tokenizer_fp
         key_parts = [
             _TOKENIZED_FORMAT,
@@ -769,7 +732,6 @@ class DRGDataModule(LightningDataModule):
         """
         import datasets
 
-        _check_split(split)
         features = datasets.Features(
             {
                 "hadm_id": datasets.Value("int64"),
@@ -777,7 +739,7 @@ class DRGDataModule(LightningDataModule):
                 "length": datasets.Value("int32"),
             }
         )
-        if not pq.ParquetFile(self.prepared_dir / f"{split}.parquet").metadata.num_rows:
+        if not self.prepared_folder.num_rows(split):
             # An empty split (drg_llama_2023 has no validation rows): datasets cannot read an empty Parquet file.
             return datasets.Dataset.from_dict({"hadm_id": [], "input_ids": [], "length": []}, features=features)
         path = self.tokenized_path(split)
@@ -793,7 +755,7 @@ class DRGDataModule(LightningDataModule):
         # and is deleted, only the tokenised file (no text) is kept.
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".hf-") as tmp:
             raw = datasets.Dataset.from_parquet(
-                str(self.prepared_dir / f"{split}.parquet"), columns=["hadm_id", "text"], cache_dir=tmp
+                str(self.prepared_folder.split_path(split)), columns=["hadm_id", "text"], cache_dir=tmp
             )
             if self.limits[split] is not None:
                 raw = raw.select(range(min(self.limits[split], len(raw))))
@@ -828,7 +790,6 @@ class DRGDataModule(LightningDataModule):
 
     def dataset(self, split: str) -> TokenizedSplit:
         """The split as a torch Dataset of tokenised rows with labels (built on first use, then kept)."""
-        _check_split(split)
         if split not in self._datasets:
             frame = self._read_columns(split, ["hadm_id", "drg_code"])
             labels, base_labels, mask = self._label_arrays(frame)
@@ -1017,8 +978,3 @@ class DRGDataModule(LightningDataModule):
         packer.set_epoch(epoch)
         result["packed"] = real / max(1, packed_tokens(lengths, packer.batches()))
         return result
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

@@ -52,7 +52,14 @@ from drg_llama import __version__
 from drg_llama.data.csvfiles import DataError, check_encoding, check_text, int_column, iter_csv, read_header
 from drg_llama.data.grouping import find_files, group_stays
 from drg_llama.data.hospital_course import extract_bhc
-from drg_llama.data.prepared import SPLIT_FILES, check_output, file_record, verify, write_manifest, writing_folder
+from drg_llama.data.prepared import (
+    SPLIT_FILES,
+    PreparedFolder,
+    check_output,
+    file_record,
+    write_manifest,
+    writing_folder,
+)
 from drg_llama.data.splits import PROTOCOLS, SPLITS, default_seed, patient_split, stratified_split
 from drg_llama.drg import (
     ERROR_DRGS,
@@ -787,19 +794,12 @@ def prepared_stats(folder: str | Path) -> dict:
         ``labels``, ``label_source``, ``label_agreement`` and ``billed_code_check``.
 
     Raises:
-        FileNotFoundError: not a prepared folder. DataError: a file does not match the manifest.
+        UserError: not a prepared folder. DataError: a file does not match the manifest.
     """
-    folder = Path(folder)
-    manifest = verify(folder)
-    data = pd.concat(
-        [
-            pd.read_parquet(folder / f"{name}.parquet", columns=["hadm_id", "drg_code", "mdc", "n_words"]).assign(
-                split=name
-            )
-            for name in SPLITS
-        ],
-        ignore_index=True,
-    )
+    prepared = PreparedFolder.open(folder)
+    manifest = prepared.manifest
+    columns = ["hadm_id", "drg_code", "mdc", "n_words"]
+    data = pd.concat([prepared.read(name, columns).assign(split=name) for name in SPLITS], ignore_index=True)
 
     def crosstab(key: str) -> dict:
         table = pd.crosstab(data[key], data["split"]).reindex(columns=list(SPLITS), fill_value=0)
