@@ -20,7 +20,8 @@ from drg_llama.data.csvfiles import DataError
 from drg_llama.data.grouping import DISCHARGE_STATUS, GROUPED_REASONS
 from drg_llama.data.mimic import prepare
 from drg_llama.data.splits import SPLITS
-from drg_llama.data.synthetic import _DISCHARGE_LOCATION, synthesize
+from drg_llama.data.synthetic import synthesize
+from drg_llama.data.synthetic.corpus import _DISCHARGE_LOCATION
 from drg_llama.drg import UnknownVersionError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mimic"

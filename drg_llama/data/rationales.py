@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from drg_llama.data.prepared import read_manifest
-from drg_llama.data.synthetic import _cm_titles, _pcs_titles
 from drg_llama.drg import get_table, msdrg_version, resolve_version
+from drg_llama.drg.icd import cm_titles, pcs_titles
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def rationale_text(claim: dict, grouped: dict, gold: int, version: str) -> str:
         version: MS-DRG version.
     """
     table = get_table(version)
-    cm, pcs = _cm_titles(), _pcs_titles()
+    cm, pcs = cm_titles(), pcs_titles()
     pdx = claim["pdx"]["code"]
     mdc = str(grouped.get("final_mdc_description") or f"MDC {grouped.get('final_mdc')}")
     parts = [f"The principal diagnosis is {_code_title(pdx, cm)} ({pdx}), in the MDC {mdc}."]
