@@ -41,7 +41,7 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 
 # Every stage of prepare, in order: an interrupt in any of them must leave the old folder (or none).
 STAGES = [
-    (mimic, "_read_drgcodes"),
+    (mimic, "read_billed_labels"),
     (mimic, "_scan_notes"),
     (mimic, "group_stays"),
     (mimic, "_resolve"),
@@ -194,7 +194,7 @@ def _never_read(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("an input was read before the arguments were checked")
 
-    monkeypatch.setattr(mimic, "_read_drgcodes", fail)
+    monkeypatch.setattr(mimic, "read_billed_labels", fail)
 
 
 def test_out_that_is_a_file(tmp_path, monkeypatch):
