@@ -339,3 +339,14 @@ def test_vocabulary_files_hold_what_the_generator_reads():
     assert all(isinstance(f["contradicts"], frozenset) for f in words.filler)
     assert set(words.dispositions) == set(corpus_module._DISCHARGE_LOCATION)  # every status the sampler draws
     assert isinstance(words.principals[0]["codes"][0]["names"], tuple)  # lists come back as tuples
+
+
+def test_a_broken_vocabulary_file_is_one_sentence(tmp_path, monkeypatch):
+    from drg_llama.data.synthetic import vocabulary as vocabulary_module
+
+    (tmp_path / "chronic.yaml").write_text("- concept: htn\n  names: [unclosed\n")
+    monkeypatch.setattr(vocabulary_module, "FOLDER", tmp_path)
+    with pytest.raises(ValueError, match=r"chronic\.yaml is not valid YAML at line \d+; undo the last edit"):
+        vocabulary_module._read("chronic.yaml")
+    with pytest.raises(FileNotFoundError, match=r"principals\.yaml is missing; .* reinstall"):
+        vocabulary_module._read("principals.yaml")

@@ -66,9 +66,17 @@ def vocabulary() -> Vocabulary:
 
 
 def _read(name: str) -> Any:
+    path = FOLDER / name
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed: the same data, ten times faster
-    with (FOLDER / name).open(encoding="utf-8") as fh:
-        return _frozen(yaml.load(fh, Loader=loader))
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return _frozen(yaml.load(fh, Loader=loader))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing; it ships with drg-llama, so reinstall the package") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path} is not valid YAML{where}; undo the last edit of that file") from None
 
 
 def _frozen(value: Any) -> Any:
