@@ -1,4 +1,4 @@
-"""Padding-free packing: bin packing, the collator, and packed logits equal to padded logits (tiny LLaMA and Qwen2).
+"""Packing, the model's side: block masks, pooling, and packed logits equal to padded ones (tiny LLaMA and Qwen2).
 
 Run: pytest tests/test_packing.py
 """
