@@ -267,8 +267,9 @@ def stage_flex(args) -> dict:
     """Packed flex_attention logits against padded sdpa logits, then flex training through the CLI."""
     import torch
 
+    from drg_llama.data.batching import PackedCollator
     from drg_llama.models.backbone import BackboneConfig, build_classifier_backbone, pooled_logits
-    from drg_llama.models.packing import PackedCollator, packed_logits
+    from drg_llama.models.packing import packed_logits
 
     device = torch.device(args.device)
     dtype = "bf16" if args.device == "cuda" else "fp32"

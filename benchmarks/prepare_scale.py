@@ -44,7 +44,7 @@ def replicate_corpus(root: Path, n: int, seed: int = 0) -> None:
 
     import pandas as pd
 
-    from drg_llama.data.mimic import extract_bhc
+    from drg_llama.data.hospital_course import extract_bhc
 
     rng = random.Random(seed)
     notes = pd.read_csv(FIXTURE / "note" / "discharge.csv", dtype=str, keep_default_na=False, encoding="latin-1")
@@ -95,6 +95,8 @@ def run_reference(raw: Path, out: Path) -> dict:
     import pandas as pd
 
     from drg_llama.data import mimic
+    from drg_llama.data.hospital_course import extract_bhc
+    from drg_llama.data.splits import SPLITS
     from drg_llama.drg import ERROR_DRGS, map_title
 
     discharge, drgcodes = mimic.find_inputs(raw)
@@ -109,7 +111,7 @@ def run_reference(raw: Path, out: Path) -> dict:
     )
     labels = labels[~labels["bad"] & (labels["n"] == 1) & ~labels["drg"].isin(list(ERROR_DRGS))]
 
-    bhc = notes["text"].map(mimic.extract_bhc)
+    bhc = notes["text"].map(extract_bhc)
     notes["course"] = bhc.map(lambda b: None if b is None else b.text)
     notes["n_words"] = notes["course"].map(lambda t: len(t.split()) if isinstance(t, str) else 0)
     notes["ok"] = (notes["n_words"] > mimic.DEFAULT_MIN_WORDS) & (notes["n_words"] <= mimic.DEFAULT_MAX_WORDS)
@@ -127,11 +129,11 @@ def run_reference(raw: Path, out: Path) -> dict:
     data["split"] = names[np.searchsorted(subjects, data["subject_id"])]
     out.mkdir(parents=True, exist_ok=True)
     columns = ["hadm_id", "subject_id", "note_id", "course", "drg", "n_words"]
-    for name in mimic.SPLIT_NAMES:
+    for name in SPLITS:
         data.loc[data["split"] == name, columns].to_parquet(out / f"{name}.parquet")
     for path in (discharge, drgcodes):
         hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"kept": int(len(data)), "splits": {s: int((data["split"] == s).sum()) for s in mimic.SPLIT_NAMES}}
+    return {"kept": int(len(data)), "splits": {s: int((data["split"] == s).sum()) for s in SPLITS}}
 
 
 def _child(kind: str, raw: Path, out: Path) -> None:

@@ -242,7 +242,7 @@ def _label_space():
 
 
 def _split(lengths: np.ndarray, vocab: int, num_classes: int, seed: int):
-    from drg_llama.data.datamodule import TokenizedSplit
+    from drg_llama.data.batching import TokenizedSplit
 
     rng = np.random.default_rng(seed + 1)
     ids = [rng.integers(3, vocab, size=int(n)).astype(np.int32) for n in lengths]
@@ -255,17 +255,24 @@ def _our_loader(data, batching: str, batch_size: int, pack_tokens: int, train: b
     """Our DataLoader for ``data`` with the epoch frozen, so the warm-up epoch and the timed epoch are identical."""
     from torch.utils.data import DataLoader
 
-    from drg_llama.data.datamodule import Collator, LengthBucketSampler, PackedBatchSampler, PackedRows
-    from drg_llama.models.packing import PackedCollator
+    from drg_llama.data.batching import (
+        Collator,
+        LengthBucketSampler,
+        PackedBatchSampler,
+        PackedCollator,
+        PackedRows,
+        packed_tokens,
+        padded_tokens,
+    )
 
     if batching == "packed":
         sampler = PackedBatchSampler(data.lengths, pack_tokens, batch_size, shuffle=train, seed=0)
         loader = DataLoader(PackedRows(data), batch_size=None, sampler=sampler, collate_fn=PackedCollator(pad_id))
-        computed = sum(len(b) * -(-max(int(data.lengths[r].sum()) for r in b) // 8) * 8 for b in sampler.batches())
+        computed = packed_tokens(data.lengths, sampler.batches())
     else:
         sampler = LengthBucketSampler(data.lengths, batch_size, shuffle=train, bucket=True, seed=0)
         loader = DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=Collator(pad_id))
-        computed = sum(len(b) * -(-int(data.lengths[b].max()) // 8) * 8 for b in sampler.batches())
+        computed = padded_tokens(data.lengths, sampler.batches())
     sampler.set_epoch = lambda epoch: None  # Lightning calls it every epoch; keep epoch 0's batches (warmed shapes)
     return loader, computed, len(sampler.batches())
 
@@ -404,7 +411,7 @@ def run_reference(args, shape: str, lengths: dict, ckpt: bool, device: torch.dev
     from torch.utils.data import DataLoader
     from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding
 
-    from drg_llama.models.backbone import byte_tokenizer
+    from drg_llama.pretrained import byte_tokenizer
 
     cfg = dict(SHAPES[shape])
     num_labels = _label_space().num_outputs
@@ -490,9 +497,9 @@ def run_qlora(args, device: torch.device) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from drg_llama.data.datamodule import PackedBatchSampler, PackedRows
+    from drg_llama.data.batching import PackedBatchSampler, PackedCollator, PackedRows
     from drg_llama.models.backbone import keep_trainable_fp32
-    from drg_llama.models.packing import PackedCollator, packed_logits
+    from drg_llama.models.packing import packed_logits
 
     shape = args.qlora_shape
     cfg = dict(SHAPES[shape])

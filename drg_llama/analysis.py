@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from drg_llama.drg import SEVERITIES, LabelSpace, get_table
-from drg_llama.metrics import ECE_BINS, drg_weights, expected_calibration_error, reliability_bins, with_unseen_class
+from drg_llama.drg import SEVERITIES, LabelSpace
+from drg_llama.metrics import ECE_BINS, expected_calibration_error, reliability_bins, with_unseen_class
 from drg_llama.runs import json_ready
 
 #: Illustrative base rate in USD per unit of relative weight. It is of the order of CMS's national operating
@@ -429,24 +429,20 @@ def analysis_report(
     pred_codes = drgs[top[:, 0]]  # [N]
     correct = pred_codes == gold_codes
     top5 = (drgs[top] == gold_codes[:, None]).any(1)
-    pred_weight, gold_weight = drg_weights(pred_codes, space.version), drg_weights(gold_codes, space.version)
-    weight_error = np.abs(pred_weight - gold_weight)  # [N], NaN where unknown
-    payment = payment_impact(pred_weight, gold_weight, base_rate)
+    # Predictions are classes; a gold DRG may be unseen in training (not a class) and still has its own facts.
+    pred, gold_facts = space.class_facts.take(top[:, 0]), space.facts(gold_codes)
+    weight_error = np.abs(pred.weight - gold_facts.weight)  # [N], NaN where unknown
+    payment = payment_impact(pred.weight, gold_facts.weight, base_rate)
     payment["drg_version"] = space.version
 
-    table = get_table(space.version)
-    gold_mdc = np.array([table[int(c)].mdc if int(c) in table else "?" for c in gold_codes], dtype=object)
-    pred_mdc = np.array([table[int(c)].mdc for c in pred_codes], dtype=object)
+    gold_mdc, pred_mdc = gold_facts.mdc, pred.mdc
     bands = frequency_bands(train_codes)
     band = np.array([bands.get(int(c), "tail") for c in gold_codes], dtype=object)
     lengths = length_band(n_words)
     extra = {"top5": top5, "weight_error": weight_error}
     mdcs = sorted(set(gold_mdc.tolist()) | set(pred_mdc.tolist()))
-
-    def severity(code: int) -> str:
-        return severity_set_label(table.allowed_severities(int(code))) if int(code) in table else "?"
-
-    gold_sev, pred_sev = [severity(c) for c in gold_codes], [severity(c) for c in pred_codes]
+    gold_sev = [severity_set_label(s) for s in gold_facts.severities]
+    pred_sev = [severity_set_label(s) for s in pred.severities]
     return json_ready(
         {
             "calibration": calibration,

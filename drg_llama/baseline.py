@@ -13,7 +13,6 @@ DRGs in the scored split that never occur in training get probability 0, so they
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 import warnings
@@ -23,8 +22,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
+from drg_llama.data.prepared import PreparedFolder
+from drg_llama.data.splits import SPLITS
 from drg_llama.drg import LabelSpace
 from drg_llama.errors import USER_ERRORS, UserError, report_error
 from drg_llama.metrics import score_predictions
@@ -34,25 +34,13 @@ logger = logging.getLogger(__name__)
 
 VARIANT = "tfidf_logreg"
 _REQUIRED = ("hadm_id", "text", "drg_code")
-_SPLITS = ("train", "val", "test")
 _TOP = 10
 
 
-def _read_split(prepared_dir: Path, split: str) -> pd.DataFrame:
-    path = prepared_dir / f"{split}.parquet"
-    if not path.is_file():
-        raise UserError(
-            f"{path} does not exist; point --data at a folder written by `python -m drg_llama.data prepare`."
-        )
-    try:
-        frame = pd.read_parquet(path)
-    except (pa.ArrowException, OSError) as err:
-        raise UserError(f"{path} is not a readable prepared split ({type(err).__name__}); re-run prepare.") from None
-    missing = [c for c in _REQUIRED if c not in frame.columns]
-    if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; re-run `python -m drg_llama.data prepare`.")
+def _read_split(folder: PreparedFolder, split: str, limit: int | None) -> pd.DataFrame:
+    frame = folder.read(split, list(_REQUIRED), limit)
     if frame.empty:
-        raise UserError(f"{path} has no rows; choose another split or prepare more admissions.")
+        raise UserError(f"{folder.split_path(split)} has no rows; choose another split or prepare more admissions.")
     return frame
 
 
@@ -77,7 +65,7 @@ def run_baseline(
     """Fit TF-IDF + multinomial logistic regression on ``train`` and score ``split``; write metrics.json.
 
     Args:
-        prepared_dir: Folder with ``train.parquet`` and ``{split}.parquet``.
+        prepared_dir: Prepared folder (checked against its manifest) with ``train.parquet`` and ``{split}.parquet``.
         out_dir: Where ``metrics.json`` and ``predictions.parquet`` go (created).
         split: Split to score.
         label_space: The classes to score over (pass the LLM run's, so both are scored on the same classes);
@@ -102,11 +90,11 @@ def run_baseline(
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    train = _read_split(prepared_dir, "train").iloc[:limit_train]
-    scored = _read_split(prepared_dir, split).iloc[:limit_eval]
+    folder, out_dir = PreparedFolder.open(prepared_dir), Path(out_dir)
+    train = _read_split(folder, "train", limit_train)
+    scored = _read_split(folder, split, limit_eval)
     if label_space is None:
-        version = _manifest(prepared_dir).get("drg_version", "v43")
+        version = folder.drg_version or "v43"
         label_space = LabelSpace.build(version, "single_label", train["drg_code"])
     classes = list(label_space.drgs)
     index = {c: i for i, c in enumerate(classes)}
@@ -115,7 +103,7 @@ def run_baseline(
     y_train = train["drg_code"].map(index).to_numpy(np.int64)  # [N_train]
     if len(np.unique(y_train)) < 2:
         raise UserError(
-            f"{prepared_dir / 'train.parquet'} has fewer than two DRGs among the rows trained on; logistic "
+            f"{folder.split_path('train')} has fewer than two DRGs among the rows trained on; logistic "
             "regression needs two at least (prepare more admissions)."
         )
     gold = scored["drg_code"].map(index).fillna(-1).to_numpy(np.int64)  # [N], -1: not a class -> an error
@@ -148,7 +136,7 @@ def run_baseline(
         "metrics": score_predictions(label_space, probs, gold),
         "majority_class": score_predictions(label_space, majority_probs, gold),
         "majority_drg": _plain(classes[majority]),
-        "drg_version": _manifest(prepared_dir).get("drg_version"),
+        "drg_version": folder.drg_version,
         "n_train": int(len(train)),
         "train_classes": int(len(model.classes_)),
         "unseen_in_train": int((~np.isin(gold, model.classes_)).sum()),
@@ -177,11 +165,6 @@ def run_baseline(
 
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _manifest(prepared_dir: Path) -> dict[str, Any]:
-    path = prepared_dir / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _write_predictions(path: Path, scored: pd.DataFrame, gold: np.ndarray, probs: np.ndarray, classes: list) -> None:
@@ -218,8 +201,8 @@ def _main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.C > 0:
         parser.error("--C must be > 0")
-    if args.split not in _SPLITS:
-        parser.error(f"--split must be one of {', '.join(_SPLITS)}")
+    if args.split not in SPLITS:
+        parser.error(f"--split must be one of {', '.join(SPLITS)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = run_baseline(

@@ -114,7 +114,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -
 
 def _check_last_token_pooling(tokenizer, out: Path) -> None:
     """transformers pools the last token that is not padding: a tokenizer that appends its pad token would move it."""
-    from drg_llama.data.datamodule import special_tokens
+    from drg_llama.data.tokenization import special_tokens
 
     _, suffix = special_tokens(tokenizer)
     if tokenizer.pad_token_id in suffix:

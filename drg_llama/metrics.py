@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from drg_llama.drg import LabelSpace, get_table
+from drg_llama.drg import LabelSpace
 
 #: Default number of equal-width confidence bins for the expected calibration error (Guo et al., 2017).
 ECE_BINS = 15
@@ -243,15 +243,6 @@ def compute_metrics(
 # Scoring against a label space (shared by the classifier, evaluate and the baseline)
 
 
-def drg_weights(codes: Sequence[int], version: str) -> np.ndarray:
-    """CMS relative weight of each DRG code under ``version`` (NaN when the code or the version has none)."""
-    table = get_table(version)
-    return np.array(
-        [table[int(c)].weight if int(c) in table and table[int(c)].weight is not None else np.nan for c in codes],
-        dtype=np.float64,
-    )
-
-
 def with_unseen_class(probs: np.ndarray, gold_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Score gold index -1 (a DRG unseen in training) as a miss, never drop it.
 
@@ -269,14 +260,9 @@ def with_unseen_class(probs: np.ndarray, gold_index: np.ndarray) -> tuple[np.nda
 
 
 def label_info(space: LabelSpace) -> LabelInfo:
-    """Per-class base DRG, severity set, MDC and CMS weight, for the coarse metrics."""
-    table = get_table(space.version)
-    return LabelInfo(
-        base_of_class=[table.base(d) for d in space.drgs],
-        severity_of_class=[frozenset(s.value for s in table.allowed_severities(d)) for d in space.drgs],
-        mdc_of_class=[table[d].mdc for d in space.drgs],
-        weight_of_class=list(drg_weights(space.drgs, space.version)),
-    )
+    """Per-class base DRG, severity set, MDC and CMS weight (the label space's ``class_facts``) for coarse metrics."""
+    facts = space.class_facts
+    return LabelInfo(facts.base, facts.severities, facts.mdc, facts.weight)
 
 
 def score_predictions(space: LabelSpace, probs: np.ndarray, gold_index: np.ndarray) -> dict[str, float]:

@@ -136,7 +136,7 @@ def _usable_text(text: str, mimic: bool) -> tuple[str | None, str | None]:
     if not _is_utf8(text):
         return None, "invalid_utf8"
     if mimic:
-        from drg_llama.data.mimic import extract_bhc
+        from drg_llama.data.hospital_course import extract_bhc
 
         bhc = extract_bhc(text)
         if bhc is None or not bhc.text.strip():

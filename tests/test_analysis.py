@@ -13,7 +13,6 @@ from drg_llama.analysis import (
     calibration_report,
     confusion_matrix,
     coverage_accuracy_curve,
-    drg_weights,
     fit_temperature,
     frequency_bands,
     length_band,
@@ -25,7 +24,7 @@ from drg_llama.analysis import (
     severity_set_label,
     top_confusions,
 )
-from drg_llama.drg import LabelSpace, Severity
+from drg_llama.drg import DRGFacts, LabelSpace, Severity
 from drg_llama.metrics import score_predictions
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,7 +123,7 @@ def test_selective_threshold_reaches_its_target_on_validation():
 
 def test_payment_on_two_stays_by_hand():
     # v43 weights: 291 HF with MCC 1.2838, 292 HF with CC 0.8490, 871 sepsis with MCC 1.9425, 872 without 1.0233
-    gold_w, pred_w = drg_weights([291, 872], "v43"), drg_weights([292, 871], "v43")
+    gold_w, pred_w = DRGFacts.of([291, 872], "v43").weight, DRGFacts.of([292, 871], "v43").weight
     np.testing.assert_allclose(gold_w, [1.2838, 1.0233])
     np.testing.assert_allclose(pred_w, [0.8490, 1.9425])
     out = payment_impact(pred_w, gold_w, base_rate=6000)
@@ -146,7 +145,7 @@ def test_payment_skips_unknown_weights():
     out = payment_impact([1.0, np.nan], [2.0, 1.0], base_rate=100)
     assert out["n"] == 1 and out["n_unknown_weight"] == 1 and out["dollars_at_risk"] == pytest.approx(100)
     assert payment_impact([np.nan], [1.0])["weight_mae"] is None
-    assert np.isnan(drg_weights([291], "v42")[0])  # only v43/v43.1 ship CMS weights
+    assert np.isnan(DRGFacts.of([291], "v42").weight[0])  # only v43/v43.1 ship CMS weights
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,7 +212,7 @@ def test_analysis_report_on_four_stays():
     )
     json.dumps(report, allow_nan=False)  # standard JSON
     pay = report["payment"]
-    w190 = drg_weights([190], "v43")[0]
+    w190 = DRGFacts.of([190], "v43").weight[0]
     assert pay["n"] == 4
     assert pay["weight_mae"] == pytest.approx((0 + (1.2838 - 0.8490) + 0 + abs(1.9425 - w190)) / 4)
     sev = report["severity_confusion"]

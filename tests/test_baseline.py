@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from drg_llama.baseline import _main, run_baseline
+from drg_llama.data.prepared import SPLIT_FILES, write_manifest
 from drg_llama.drg import LabelSpace
 from drg_llama.errors import UserError
 
@@ -55,8 +56,14 @@ def prepared(tmp_path):
     _frame({291: 30, 292: 12, 871: 12, 872: 12}, seed=0, start_id=1000).to_parquet(tmp_path / "train.parquet")
     _frame({291: 5, 292: 5, 871: 5, 872: 5}, seed=1, start_id=2000).to_parquet(tmp_path / "val.parquet")
     _frame({291: 8, 292: 8, 871: 8, 872: 8, 193: 4}, seed=2, start_id=3000).to_parquet(tmp_path / "test.parquet")
-    (tmp_path / "manifest.json").write_text(json.dumps({"drg_version": "v43"}))
+    write_manifest(tmp_path, {"drg_version": "v43"}, SPLIT_FILES)
     return tmp_path
+
+
+def _rewrite(folder, name: str, frame: pd.DataFrame) -> None:
+    """Replace one split and record it in the manifest, as prepare would have written it."""
+    frame.to_parquet(folder / f"{name}.parquet")
+    write_manifest(folder, json.loads((folder / "manifest.json").read_text()), SPLIT_FILES)
 
 
 def test_baseline_writes_metrics_and_beats_majority(prepared, tmp_path):
@@ -106,15 +113,22 @@ def test_cli_and_explicit_label_space(prepared, tmp_path, capsys):
 def test_missing_split_or_column_is_a_clear_error(prepared, tmp_path):
     with pytest.raises(UserError, match="drg_llama.data prepare"):
         run_baseline(tmp_path / "nowhere", tmp_path / "out")
-    pd.read_parquet(prepared / "test.parquet").drop(columns=["text"]).to_parquet(prepared / "test.parquet")
-    with pytest.raises(UserError, match="lacks column"):
+    test = pd.read_parquet(prepared / "test.parquet")
+    test.iloc[:0].to_parquet(prepared / "test.parquet")  # not what the manifest recorded: refused before reading
+    with pytest.raises(UserError, match="test.parquet: its size differs from manifest.json"):
+        run_baseline(prepared, tmp_path / "out")
+    _rewrite(prepared, "test", test.drop(columns=["text"]))
+    with pytest.raises(UserError, match="test.parquet: lacks column"):
+        run_baseline(prepared, tmp_path / "out")
+    _rewrite(prepared, "test", test.iloc[:0])
+    with pytest.raises(UserError, match="test.parquet has no rows"):
         run_baseline(prepared, tmp_path / "out")
 
 
 def test_cli_errors_are_one_line(prepared, tmp_path, capsys):
     """Every bad input to the baseline's command line: one line on stderr, exit status 2, no traceback."""
     train = pd.read_parquet(prepared / "train.parquet")
-    train.assign(drg_code=train["drg_code"].iloc[0]).to_parquet(prepared / "train.parquet")  # one class
+    _rewrite(prepared, "train", train.assign(drg_code=train["drg_code"].iloc[0]))  # one class
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "train.parquet").write_text("not parquet")
     cases = {

@@ -15,15 +15,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from drg_llama.data import datamodule as dm_module
-from drg_llama.data.datamodule import (
-    Collator,
-    DRGDataModule,
-    LengthBucketSampler,
-    encode_texts,
-    special_tokens,
-    truncate_ids,
-)
+from drg_llama.data.datamodule import DRGDataModule
 from drg_llama.data.prepared import SPLIT_FILES, write_manifest
+from drg_llama.data.tokenization import truncate_ids
 from drg_llama.drg import SEVERITIES, get_table
 from drg_llama.errors import UserError
 
@@ -205,33 +199,6 @@ def test_unseen_val_drgs_kept_with_minus_one(prepared, variant, caplog):
 # truncation
 
 
-def test_truncate_ids_modes():
-    ids = list(range(10))
-    assert truncate_ids(ids, 4, "head") == [0, 1, 2, 3]
-    assert truncate_ids(ids, 4, "tail") == [6, 7, 8, 9]
-    assert truncate_ids(ids, 4, "head_tail") == [0, 1, 8, 9]
-    assert truncate_ids(ids, 5, "head_tail") == [0, 1, 2, 8, 9]
-    assert truncate_ids(ids, 1, "head_tail") == [0]
-    assert truncate_ids(ids, 20, "tail") == ids
-    with pytest.raises(ValueError, match="truncation"):
-        truncate_ids(ids, 4, "middle")
-
-
-@pytest.mark.parametrize("bos_eos", [True, False])
-def test_truncation_keeps_special_tokens(bos_eos):
-    tok = word_tokenizer(bos_eos)
-    text = note(20)  # w0 .. w19 -> ids 4 .. 23
-    words = list(range(4, 24))
-    prefix, suffix = special_tokens(tok)
-    assert (prefix, suffix) == (([2], [3]) if bos_eos else ([], []))
-    budget = 10 - len(prefix) - len(suffix)
-    assert encode_texts(tok, [text], 10, "head")[0] == prefix + words[:budget] + suffix
-    assert encode_texts(tok, [text], 10, "tail")[0] == prefix + words[-budget:] + suffix
-    half = (budget + 1) // 2
-    assert encode_texts(tok, [text], 10, "head_tail")[0] == prefix + words[:half] + words[-(budget - half) :] + suffix
-    assert encode_texts(tok, [note(3)], 10, "head")[0] == prefix + [4, 5, 6] + suffix
-
-
 @pytest.mark.parametrize("truncation", ["head", "tail", "head_tail"])
 def test_datamodule_truncation_tokens(prepared, truncation):
     folder, splits = prepared
@@ -242,20 +209,6 @@ def test_datamodule_truncation_tokens(prepared, truncation):
         words = [4 + int(w[1:]) for w in splits["train"]["text"].iloc[row].split()]
         got = list(data[row]["input_ids"])
         assert got == [2] + truncate_ids(words, 14, truncation) + [3]
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_collator_padding_side(side):
-    rows = [
-        {"input_ids": [5, 6, 7], "labels": 0, "base_labels": -1, "severity_mask": [1, 1, 1], "row": 0, "hadm_id": 9},
-        {"input_ids": [5] * 9, "labels": 1, "base_labels": -1, "severity_mask": [0, 1, 0], "row": 1, "hadm_id": 8},
-    ]
-    batch = Collator(pad_token_id=1, padding_side=side)(rows)
-    assert batch["input_ids"].shape == (2, 16)  # longest 9 -> multiple of 8
-    mask = batch["attention_mask"][0].tolist()
-    assert mask == ([0] * 13 + [1] * 3 if side == "left" else [1] * 3 + [0] * 13)
-    real = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
-    assert real == [5, 6, 7] and set(batch["input_ids"][0][~batch["attention_mask"][0].bool()].tolist()) == {1}
 
 
 def test_padding_side_follows_tokenizer(prepared):
@@ -345,22 +298,6 @@ def test_bucketing_cuts_padding_and_is_deterministic(prepared):
     assert epoch_rows(dm, 0) != epoch_rows(other_seed, 0)
     rows = sum(epoch_rows(dm, 0), [])
     assert sorted(rows) == list(range(40))
-
-
-def test_sampler_sorts_within_mega_batches_and_shards():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 500, size=103)
-    sampler = LengthBucketSampler(lengths, batch_size=4, shuffle=True, mega_batches=5, seed=3)
-    batches = sampler.batches()
-    assert [len(b) for b in batches[:-1]] == [4] * 25 and len(batches[-1]) == 3  # short batch last
-    assert sorted(np.concatenate(batches).tolist()) == list(range(103))
-    eval_order = np.concatenate(LengthBucketSampler(lengths, 4, shuffle=False).batches())
-    assert (np.diff(lengths[eval_order]) <= 0).all()  # longest first
-    # two ranks: disjoint-by-position shards of full batches, same count each, covering every row
-    shards = [LengthBucketSampler(lengths, 4, True, seed=3, num_replicas=2, rank=r).batches() for r in (0, 1)]
-    assert len(shards[0]) == len(shards[1]) and all(len(b) == 4 for s in shards for b in s)
-    assert set(np.concatenate(shards[0] + shards[1]).tolist()) == set(range(103))
-    assert len(LengthBucketSampler(lengths, 4, True, num_replicas=2, rank=0)) == len(shards[0]) * 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -467,35 +404,14 @@ def test_embedded_default_builds_once(tmp_path, monkeypatch):
     assert again.prepared_dir == folder and os.stat(folder / "manifest.json").st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_evaluation_shards_score_every_row_once_across_ranks(packed):
-    """Under DDP validation metrics are summed over ranks (torchmetrics): repeated rows would count twice.
-
-    Training still pads, so that every rank joins every gradient all-reduce; evaluation does not."""
-    from drg_llama.data.datamodule import PackedBatchSampler
-
-    lengths = np.random.default_rng(0).integers(5, 60, size=53)
-
-    def sampler(rank: int, train: bool):
-        if packed:
-            return PackedBatchSampler(lengths, 64, 4, shuffle=train, num_replicas=3, rank=rank)
-        return LengthBucketSampler(lengths, 8, shuffle=train, num_replicas=3, rank=rank)
-
-    def rows(s) -> list[int]:
-        return [int(i) for batch in s.batches() for i in np.concatenate([np.atleast_1d(r) for r in batch])]
-
-    evaluated = [rows(sampler(rank, train=False)) for rank in range(3)]
-    assert sorted(sum(evaluated, [])) == list(range(53))  # each row exactly once
-    assert all(len(sampler(rank, train=False)) == len(list(sampler(rank, train=False))) for rank in range(3))
-    assert len({len(sampler(rank, train=True).batches()) for rank in range(3)}) == 1  # equal steps in training
-
-
 def test_visible_text_is_what_training_reads(prepared):
+    from drg_llama.data import tokenization
+
     folder, splits = prepared
     dm = make_dm(folder, max_length=6, truncation="head")
     texts = splits["train"]["text"].tolist()[:3]
     visible = dm.visible_text(texts)
     for text, seen in zip(texts, visible):
         ids = dm.tokenizer(seen, add_special_tokens=False)["input_ids"]
-        prefix, suffix = special_tokens(dm.tokenizer)
+        prefix, suffix = tokenization.special_tokens(dm.tokenizer)
         assert len(ids) <= 6 - len(prefix) - len(suffix) and text.startswith(seen.strip().split()[0])

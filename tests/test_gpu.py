@@ -45,8 +45,9 @@ def test_cuda_graph_decoding_equals_the_dynamic_cache():
 
 
 def test_packed_flex_attention_equals_padded_sdpa_on_cuda():
+    from drg_llama.data.batching import PackedCollator
     from drg_llama.models.backbone import pooled_logits
-    from drg_llama.models.packing import PackedCollator, packed_logits
+    from drg_llama.models.packing import packed_logits
 
     models = {}
     for attn in ("sdpa", "flex_attention"):

@@ -15,12 +15,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from drg_llama.data import mimic
 from drg_llama.data.__main__ import main
 from drg_llama.data.csvfiles import DataError
 from drg_llama.data.grouping import DISCHARGE_STATUS, GROUPED_REASONS
 from drg_llama.data.mimic import prepare
-from drg_llama.data.synthetic import _DISCHARGE_LOCATION, synthesize
+from drg_llama.data.splits import SPLITS
+from drg_llama.data.synthetic import synthesize
+from drg_llama.data.synthetic.corpus import _DISCHARGE_LOCATION
 from drg_llama.drg import UnknownVersionError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mimic"
@@ -58,7 +59,7 @@ TEXT_DROPS = {
 
 
 def _load(out: Path) -> pd.DataFrame:
-    return pd.concat([pd.read_parquet(out / f"{s}.parquet").assign(split=s) for s in mimic.SPLIT_NAMES])
+    return pd.concat([pd.read_parquet(out / f"{s}.parquet").assign(split=s) for s in SPLITS])
 
 
 @pytest.fixture(scope="module")

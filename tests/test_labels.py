@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from drg_llama.drg import LabelSpace, Severity, drg_llama_decode, drg_llama_severity_code, get_table
+from drg_llama.drg import DRGFacts, LabelSpace, Severity, drg_llama_decode, drg_llama_severity_code, get_table
 
 
 def test_single_label_space_round_trip():
@@ -81,3 +81,27 @@ def test_drg_llama_codes_and_fallback():
     # invalid pair: "without MCC" in a three-way family falls back to its NONE member
     assert drg_llama_decode(291, 3) == 293
     assert drg_llama_decode(871, 1) == get_table("v43").recombine(871, Severity.CC) == 872
+
+
+def test_class_facts_are_the_one_source_of_per_class_drg_facts():
+    space = LabelSpace.build("v43", "two_label", [292, 872])  # classes 291 292 293 871 872
+    facts = space.class_facts
+    assert facts.base.tolist() == [291, 291, 291, 871, 871]
+    assert facts.severities.tolist() == [{"MCC"}, {"CC"}, {"NONE"}, {"MCC"}, {"NONE", "CC"}]
+    assert facts.mdc.tolist() == ["05", "05", "05", "18", "18"]
+    np.testing.assert_allclose(facts.weight, [get_table("v43")[d].weight for d in space.drgs])  # CMS Table 5
+    # the decoder's severity mask is read from the same facts
+    assert space.allowed_mask.tolist() == [[s.value in allowed for s in Severity] for allowed in facts.severities]
+    # any DRG of the version, class or not; codes outside it never agree with anything
+    other = space.facts([190, 12345, None])
+    assert other.base.tolist() == [190, -1, -1] and other.mdc.tolist() == ["04", "?", "?"]
+    assert other.severities[1] == frozenset() and np.isnan(other.weight[1:]).all()
+    top1 = facts.take([1, 4, 0])  # predicted 292, 872, 291
+    same = top1.agreement(DRGFacts.of([281, 871, 12345], "v43"))  # gold 281 (AMI, with CC), 871, unknown
+    assert same["base"].tolist() == [False, True, False]
+    assert same["severity"].tolist() == [True, False, False]
+    assert same["mdc"].tolist() == [True, True, False]
+    unknown = DRGFacts.of([None], "v43")
+    assert not any(v[0] for v in unknown.agreement(unknown).values())  # two unknown answers do not agree
+    with pytest.raises(ValueError, match="cannot compare"):
+        facts.agreement(other)

@@ -20,6 +20,7 @@ from drg_llama.data import grouping, mimic, prepared
 from drg_llama.data.__main__ import main
 from drg_llama.data.csvfiles import DataError
 from drg_llama.data.mimic import prepare
+from drg_llama.errors import UserError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mimic"
 NOTE_COLUMNS = ["note_id", "subject_id", "hadm_id", "note_type", "note_seq", "charttime", "storetime", "text"]
@@ -40,7 +41,7 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 
 # Every stage of prepare, in order: an interrupt in any of them must leave the old folder (or none).
 STAGES = [
-    (mimic, "_read_drgcodes"),
+    (mimic, "read_billed_labels"),
     (mimic, "_scan_notes"),
     (mimic, "group_stays"),
     (mimic, "_resolve"),
@@ -149,13 +150,29 @@ def test_readers_refuse_a_folder_that_does_not_match_its_manifest(tmp_path, old_
     damage(folder)
     with pytest.raises(DataError, match=message):
         mimic.prepared_stats(folder)
+    from drg_llama.baseline import run_baseline
     from drg_llama.data.datamodule import DRGDataModule
 
     with pytest.raises(DataError, match=message):
         DRGDataModule(data_dir=str(folder), tokenizer=None).prepared_dir
+    with pytest.raises(DataError, match=message):
+        run_baseline(folder, tmp_path / "baseline")
     assert main(["stats", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_prepared_folder_reads_the_columns_and_first_rows_asked_for(old_folder):
+    folder = prepared.PreparedFolder.open(old_folder, drg_version="43")
+    first = folder.read("train", ["hadm_id", "drg_code"], limit=3)
+    assert list(first.columns) == ["hadm_id", "drg_code"]  # no text unless asked for
+    assert first.equals(folder.read("train", ["hadm_id", "drg_code"]).iloc[:3])
+    assert folder.num_rows("train") == folder.manifest["files"]["train.parquet"]["rows"] > 3
+    assert folder.drg_version == "v43" and folder.split_path("val") == old_folder / "val.parquet"
+    with pytest.raises(UserError, match="split must be one of train, val, test"):
+        folder.read("dev", ["hadm_id"])
+    with pytest.raises(UserError, match="prepared with v43 but drg_version is v40; re-run prepare or set"):
+        prepared.PreparedFolder.open(old_folder, drg_version="v40")
 
 
 def test_same_size_edit_is_caught_by_the_checksum(tmp_path, old_folder):
@@ -177,7 +194,7 @@ def _never_read(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("an input was read before the arguments were checked")
 
-    monkeypatch.setattr(mimic, "_read_drgcodes", fail)
+    monkeypatch.setattr(mimic, "read_billed_labels", fail)
 
 
 def test_out_that_is_a_file(tmp_path, monkeypatch):

@@ -511,7 +511,7 @@ def test_advantages_logprobs_and_loss_gradient_match_trl(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    from drg_llama.models.backbone import byte_tokenizer
+    from drg_llama.pretrained import byte_tokenizer
 
     tok = byte_tokenizer()
     torch.manual_seed(0)

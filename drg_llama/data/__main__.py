@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from drg_llama.data import mimic
+from drg_llama.data.splits import PROTOCOLS, SPLITS
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +43,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "on each stay's ICD-10 codes (hosp/diagnoses_icd, procedures_icd, patients, admissions); grouped_or_billed: "
         "grouped where possible, else billed",
     )
-    p.add_argument("--split", choices=mimic.SPLITS, default="patient", help="split protocol (default: patient)")
+    p.add_argument("--split", choices=PROTOCOLS, default="patient", help="split protocol (default: patient)")
     p.add_argument("--min-words", type=int, default=mimic.DEFAULT_MIN_WORDS, help="drop courses with <= this many")
     p.add_argument("--max-words", type=int, default=mimic.DEFAULT_MAX_WORDS, help="drop courses with more than this")
     p.add_argument("--seed", type=int, help="split seed (default: 0 for patient, 42 for drg_llama_2023)")
@@ -129,12 +130,12 @@ def format_stats(stats: dict, top: int = 20) -> str:
             _table("By split", ["split", "admissions"], list(s.items())),
             _table(
                 f"Top {top} DRGs",
-                ["drg", *mimic.SPLIT_NAMES, "total"],
+                ["drg", *SPLITS, "total"],
                 [[k, *v.values(), sum(v.values())] for k, v in list(stats["by_drg"].items())[:top]],
             ),
             _table(
                 "By MDC",
-                ["mdc", *mimic.SPLIT_NAMES, "total"],
+                ["mdc", *SPLITS, "total"],
                 [[k, *v.values(), sum(v.values())] for k, v in stats["by_mdc"].items()],
             ),
             words,

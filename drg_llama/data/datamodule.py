@@ -30,28 +30,10 @@ Choices, and why:
   mtime; later runs memory-map that file and never call the tokenizer. The ``text`` column is dropped there, so
   text never reaches a batch, a log line or a progress bar (they show counts only). Files live in
   ``DATA_DIR/tokenized/``, or under the cache when the data folder is read-only.
-* **Truncation** happens on token ids, inside the tokenizer's special tokens (BOS/EOS kept): ``head`` keeps the
-  first ``max_length`` tokens, ``tail`` the last, ``head_tail`` the first and last halves (discharge notes put the
-  final diagnoses and procedures late in the course).
-* **Length buckets.** Training batches are sorted by length inside shuffled mega-batches of
-  ``bucket_mega_batches * batch_size`` rows, then the batch order is shuffled — deterministic in (seed, epoch).
-  Evaluation batches are globally sorted by length, longest first (an out-of-memory shows at the first step).
-  Every batch carries ``row`` (position in its split), so predictions can be put back in the original order.
-  The sampler subclasses ``DistributedSampler`` so Lightning keeps it under DDP; it shards whole batches by rank.
-* **Packing** (``packing=True``, opt-in): train/val/test batches pack whole notes into rows of ``pack_tokens``
-  tokens with a block-diagonal causal mask (``drg_llama.models.packing``; its docstring lists the batch keys);
-  ``DRGClassifier`` pools each note from the packed states, giving the same logits as padded batches.
-
-Batch (what ``DRGClassifier`` consumes), ``B`` rows padded to the longest in the batch rounded up to a multiple
-of 8 (``T``), on the tokenizer's padding side:
-
-    input_ids       [B, T] long   token ids, pad_token_id on padding
-    attention_mask  [B, T] long   1 on real tokens
-    labels          [B] long      class index in label_space.drgs, -1 if the DRG is not a class
-    base_labels     [B] long      two_label: index in label_space.bases (-1 if not a class); single_label: -1
-    severity_mask   [B, 3] bool   severities NONE/CC/MCC the DRG admits (292 -> CC only; 872 -> NONE, CC)
-    row             [B] long      row position in the split (or in the texts given to texts_dataloader)
-    hadm_id         [B] long      admission id (-1 for texts_dataloader ids that are not integers)
+* **Truncation** happens on token ids, inside the tokenizer's special tokens (``drg_llama.data.tokenization``).
+* **Batches** are length-bucketed and padded, or, with ``packing=True`` (opt-in), whole notes packed into rows of
+  ``pack_tokens`` tokens; ``DRGClassifier`` pools each note from the packed states, giving the same logits as padded
+  batches. ``drg_llama.data.batching`` holds the samplers, the collators and the batch keys.
 """
 
 from __future__ import annotations
@@ -68,141 +50,37 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
-from drg_llama.data.prepared import verify as verify_prepared
-from drg_llama.drg import SEVERITIES, LabelSpace, get_table, resolve_version
+from drg_llama.data.batching import (
+    Collator,
+    LengthBucketSampler,
+    PackedBatchSampler,
+    PackedCollator,
+    PackedRows,
+    TokenizedSplit,
+    packed_tokens,
+    padded_tokens,
+)
+from drg_llama.data.prepared import PreparedFolder, verify
+from drg_llama.data.splits import SPLITS
+from drg_llama.data.tokenization import (
+    TRUNCATIONS,
+    encode_texts,
+    special_tokens,
+    tokenizer_fingerprint,
+)
+from drg_llama.drg import SEVERITIES, LabelSpace, resolve_version
 from drg_llama.errors import UserError
-from drg_llama.models.backbone import SMOLLM2_NAME, BackboneConfig, default_cache_dir, load_tokenizer
-from drg_llama.models.packing import PackedCollator, pack_sequences, packed_tokens
+from drg_llama.pretrained import SMOLLM2_NAME, default_cache_dir, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-TRUNCATIONS = ("head", "tail", "head_tail")
-#: Sequence lengths are padded up to a multiple of this (tensor-core friendly shapes, fewer recompiles).
-PAD_MULTIPLE = 8
 #: Columns of ``split_frame``: everything an evaluation writer needs, never the text.
 FRAME_COLUMNS = ("hadm_id", "subject_id", "drg_code", "base_drg", "mdc", "n_words")
 # Bump when the tokenised file layout or the truncation rule changes, so stale caches are not reused.
 _TOKENIZED_FORMAT = 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenisation helpers (pure functions, tested on literal ids)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def truncate_ids(ids: Sequence[int], budget: int, mode: str) -> list[int]:
-    """Cut a token sequence to at most ``budget`` tokens.
-
-    Args:
-        ids: Token ids of the text, without special tokens.
-        budget: Tokens to keep (``max_length`` minus the special tokens).
-        mode: ``head`` (first tokens), ``tail`` (last tokens) or ``head_tail`` (first ``ceil(budget/2)`` and last
-            ``floor(budget/2)``).
-
-    Returns:
-        The kept ids, in their original order.
-    """
-    ids = list(ids)
-    if len(ids) <= budget:
-        return ids
-    if budget <= 0:
-        return []
-    if mode == "head":
-        return ids[:budget]
-    if mode == "tail":
-        return ids[-budget:]
-    if mode == "head_tail":
-        head = (budget + 1) // 2
-        tail = budget - head
-        return ids[:head] + (ids[-tail:] if tail else [])
-    raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {mode!r}")
-
-
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """Ids the tokenizer adds before and after a text (e.g. LLaMA: ``[<s>]``, ``[]``; SmolLM2: ``[]``, ``[]``).
-
-    Found by encoding a probe with and without special tokens, so it works for any post-processor.
-    """
-    probe = "drg"
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return list(full[:start]), list(full[start + len(plain) :])
-    return [], []  # an unusual post-processor that rewrites the text's ids: add nothing rather than guess
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of what the tokenizer does (vocabulary, merges, normaliser, special tokens), not of its name.
-
-    Two tokenizers loaded from different paths but with the same content share a tokenised cache; a changed one
-    never reuses a stale cache.
-    """
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:  # slow tokenizer: its vocabulary is the best content proxy we have
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps(special_tokens(tokenizer)).encode())
-    return h.hexdigest()[:16]
-
-
-def encode_texts(tokenizer, texts: Sequence[str], max_length: int, truncation: str) -> list[list[int]]:
-    """Token ids of ``texts``: the text's ids truncated to fit ``max_length`` together with the special tokens."""
-    prefix, suffix = special_tokens(tokenizer)
-    budget = max_length - len(prefix) - len(suffix)
-    if budget < 1:
-        raise ValueError(f"max_length={max_length} leaves no room for text after {len(prefix) + len(suffix)} specials")
-    # verbose=False: the "longer than model_max_length" warning is expected, we truncate right after.
-    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    return [prefix + truncate_ids(ids, budget, truncation) + suffix for ids in encoded]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Datasets, sampler, collator
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class TokenizedSplit(Dataset):
-    """Rows of one split: token ids (memory-mapped Arrow) plus label arrays computed from the label space.
-
-    Args:
-        input_ids: Indexable of token-id sequences (a ``datasets.Dataset`` column or a list).
-        lengths: [N] token counts.
-        labels: [N] class indices (-1 when not a class).
-        base_labels: [N] base indices (-1 for single_label or not a class).
-        severity_mask: [N, 3] allowed severities.
-        hadm_id: [N] admission ids.
-    """
-
-    def __init__(self, input_ids, lengths, labels, base_labels, severity_mask, hadm_id):
-        self.input_ids = input_ids
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.base_labels = np.asarray(base_labels, dtype=np.int64)
-        self.severity_mask = np.asarray(severity_mask, dtype=bool)
-        self.hadm_id = np.asarray(hadm_id, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {
-            "input_ids": self.input_ids[i],
-            "labels": self.labels[i],
-            "base_labels": self.base_labels[i],
-            "severity_mask": self.severity_mask[i],
-            "row": i,
-            "hadm_id": self.hadm_id[i],
-        }
 
 
 class _HFColumn:
@@ -216,242 +94,6 @@ class _HFColumn:
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-
-def _pad_across_ranks(training: bool, n_batches: int, world: int) -> bool:
-    """Whether DDP ranks get equal batch counts by repeating batches.
-
-    Training must: every rank takes part in each gradient all-reduce. Evaluation need not, and must not, or the
-    repeated rows would be counted twice by the metrics synchronised across ranks (torchmetrics); only when there
-    are fewer batches than ranks is it padded, so no rank sits out (a rank without batches would skip the epoch-end
-    synchronisation the others wait in).
-    """
-    return training or n_batches < world
-
-
-class LengthBucketSampler(DistributedSampler):
-    """Index sampler whose consecutive ``batch_size`` chunks are batches of similar length.
-
-    Training (``shuffle=True``): shuffle, cut into mega-batches of ``mega_batches * batch_size`` rows, sort each by
-    length (longest first), cut into batches, shuffle the batch order; the one short batch, if any, stays last so the
-    DataLoader's ``batch_size`` chunks line up with the batches. Evaluation (``shuffle=False``): sort the whole split
-    by length, longest first. With ``bucket=False`` the rows are not sorted (random or sequential batches).
-
-    Subclassing ``DistributedSampler`` makes Lightning leave it in place under DDP; it shards whole batches
-    (rank ``r`` takes batches ``r, r + W, ...``). In training it pads with repeated rows so every rank gets the same
-    number of full batches; in evaluation it does not (``_pad_across_ranks``), so every row is scored once.
-
-    Args:
-        lengths: [N] token counts.
-        batch_size: Rows per batch.
-        shuffle: Shuffle (training) or keep a fixed order (evaluation).
-        bucket: Sort by length (within mega-batches when shuffling).
-        mega_batches: Batches per mega-batch (training only).
-        seed: Seed of the shuffle; the epoch (``set_epoch``) is mixed in.
-        num_replicas: World size.
-        rank: This process's rank.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        shuffle: bool,
-        bucket: bool = True,
-        mega_batches: int = 50,
-        seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        # Explicit replicas/rank: the parent would otherwise need torch.distributed initialised.
-        super().__init__(self.lengths, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.batch_size = batch_size
-        self.bucket = bucket
-        self.mega_batches = max(1, mega_batches)
-        self.resume_epoch, self.resume_batches = -1, 0
-
-    def skip_on_resume(self, epoch: int, batches: int) -> None:
-        """Leave out the first ``batches`` batches of ``epoch``: they were trained before the run was killed."""
-        self.resume_epoch, self.resume_batches = epoch, batches
-
-    def batches(self) -> list[np.ndarray]:
-        """This rank's batches for the current epoch, as arrays of row indices."""
-        n, size, world = len(self.lengths), self.batch_size, self.num_replicas
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        if self.bucket and self.shuffle:
-            mega = size * self.mega_batches
-            chunks = [order[i : i + mega] for i in range(0, n, mega)]
-            # Stable sort: equal lengths keep their shuffled order, so the result depends only on (seed, epoch).
-            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]) if n else order
-        elif self.bucket:
-            order = np.argsort(-self.lengths, kind="stable")
-        batches = [order[i : i + size] for i in range(0, n, size)]
-        if self.shuffle and batches:
-            full = [b for b in batches if len(b) == size]
-            short = [b for b in batches if len(b) < size]
-            batches = [full[i] for i in rng.permutation(len(full))] + short
-        if world > 1 and batches and _pad_across_ranks(self.shuffle, len(batches), world):
-            if len(batches[-1]) < size:  # top up the short batch with rows from the start
-                batches[-1] = np.concatenate([batches[-1], np.resize(order, size - len(batches[-1]))])
-            batches += [batches[i % len(batches)] for i in range(-len(batches) % world)]
-        return batches[self.rank :: world] if world > 1 else batches
-
-    def __iter__(self):
-        batches = self.batches()
-        if self.epoch == self.resume_epoch:
-            # The order depends only on (seed, epoch), so the resumed epoch continues exactly where it stopped.
-            batches = batches[self.resume_batches :]
-            self.resume_epoch = -1  # once: a later iteration of the same epoch number is a new pass
-        for batch in batches:
-            yield from batch.tolist()
-
-    def __len__(self) -> int:
-        n, world = len(self.lengths), self.num_replicas
-        if world == 1:
-            return n
-        n_batches = -(-n // self.batch_size)
-        if not _pad_across_ranks(self.shuffle, n_batches, world):
-            return int(sum(len(b) for b in self.batches()))
-        return -(-n_batches // world) * self.batch_size
-
-
-class PackedBatchSampler(LengthBucketSampler):
-    """Batch sampler for padding-free packing: each item it yields is one batch, a list of packed rows.
-
-    Rows hold whole notes (first-fit-decreasing, ``pack_sequences``) up to ``pack_tokens`` tokens; a batch has at
-    most ``rows_per_batch`` rows, so its tensors never exceed ``[rows_per_batch, pack_tokens]`` -- the same
-    worst case as a padded batch of ``rows_per_batch`` notes of ``pack_tokens`` tokens. Training: shuffle, pack
-    within mega-batches (about ``mega_batches`` batches' worth of notes), shuffle the batch order (a short batch
-    stays last). Evaluation: sort by length, longest first, then pack. Deterministic in (seed, epoch); shards
-    whole batches by rank like ``LengthBucketSampler`` (whose resume and DDP behaviour it keeps).
-
-    Use it with ``DataLoader(PackedRows(dataset), batch_size=None, sampler=..., collate_fn=PackedCollator(...))``.
-    The number of batches can differ by a few between epochs (the packing depends on the shuffle); ``len`` is the
-    current epoch's.
-
-    Args:
-        lengths: [N] token counts (each <= pack_tokens).
-        pack_tokens: Tokens per packed row.
-        rows_per_batch: Packed rows per batch.
-        shuffle: Shuffle (training) or a fixed longest-first order (evaluation).
-        mega_batches: Batches per packing window (training).
-        seed: Seed of the shuffle; the epoch is mixed in.
-        num_replicas: World size.
-        rank: This process's rank.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        pack_tokens: int,
-        rows_per_batch: int,
-        shuffle: bool,
-        mega_batches: int = 50,
-        seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ):
-        super().__init__(
-            lengths, rows_per_batch, shuffle, True, mega_batches, seed=seed, num_replicas=num_replicas, rank=rank
-        )
-        if len(self.lengths) and int(self.lengths.max()) > pack_tokens:
-            raise ValueError(f"pack_tokens={pack_tokens} is shorter than the longest note ({self.lengths.max()})")
-        self.pack_tokens = pack_tokens
-        self._cache: tuple[int, list[list[np.ndarray]]] | None = None
-
-    def batches(self) -> list[list[np.ndarray]]:
-        """This rank's batches for the current epoch: lists of rows, each an array of dataset indices."""
-        if self._cache is not None and self._cache[0] == self.epoch:
-            return self._cache[1]
-        n, size, world = len(self.lengths), self.batch_size, self.num_replicas
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(n) if self.shuffle else np.argsort(-self.lengths, kind="stable")
-        per_row = max(1, self.pack_tokens // max(1, int(self.lengths.mean()) if n else 1))
-        window = size * per_row * (self.mega_batches if self.shuffle else 8)  # notes packed together
-        rows: list[np.ndarray] = []
-        for start in range(0, n, window):
-            chunk = order[start : start + window]
-            rows += [chunk[r] for r in pack_sequences(self.lengths[chunk], self.pack_tokens)]
-        batches = [rows[i : i + size] for i in range(0, len(rows), size)]
-        if self.shuffle and batches:
-            full = [b for b in batches if len(b) == size]
-            short = [b for b in batches if len(b) < size]
-            batches = [full[i] for i in rng.permutation(len(full))] + short
-        if world > 1 and batches and _pad_across_ranks(self.shuffle, len(batches), world):
-            batches += [batches[i % len(batches)] for i in range(-len(batches) % world)]
-        if world > 1:
-            batches = batches[self.rank :: world]
-        self._cache = (self.epoch, batches)
-        return batches
-
-    def __iter__(self):
-        batches = self.batches()
-        if self.epoch == self.resume_epoch:
-            batches = batches[self.resume_batches :]
-            self.resume_epoch = -1
-        for batch in batches:
-            yield [row.tolist() for row in batch]
-
-    def __len__(self) -> int:
-        return len(self.batches())
-
-
-class PackedRows(Dataset):
-    """View of a dataset indexed by a list of rows of indices (what ``PackedBatchSampler`` yields)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, rows: list[list[int]]) -> list[list[dict[str, Any]]]:
-        return [[self.dataset[i] for i in row] for row in rows]
-
-
-class Collator:
-    """Pads a list of rows into the batch dict (see the module docstring) on ``padding_side``.
-
-    Args:
-        pad_token_id: Id written on padding positions (masked out by ``attention_mask``).
-        padding_side: ``left`` or ``right``.
-        pad_multiple: Padded length is rounded up to a multiple of this.
-    """
-
-    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_multiple: int = PAD_MULTIPLE):
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        self.pad_token_id = int(pad_token_id)
-        self.padding_side = padding_side
-        self.pad_multiple = pad_multiple
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        lengths = [len(r["input_ids"]) for r in rows]
-        width = -(-max(lengths) // self.pad_multiple) * self.pad_multiple
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # [B, T]
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
-        for i, (row, n) in enumerate(zip(rows, lengths)):
-            span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
-            input_ids[i, span] = torch.as_tensor(np.asarray(row["input_ids"], dtype=np.int64))
-            attention_mask[i, span] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": torch.tensor([int(r["labels"]) for r in rows], dtype=torch.long),  # [B]
-            "base_labels": torch.tensor([int(r["base_labels"]) for r in rows], dtype=torch.long),  # [B]
-            "severity_mask": torch.as_tensor(np.stack([r["severity_mask"] for r in rows]), dtype=torch.bool),
-            "row": torch.tensor([int(r["row"]) for r in rows], dtype=torch.long),  # [B]
-            "hadm_id": torch.tensor([int(r["hadm_id"]) for r in rows], dtype=torch.long),  # [B]
-        }
-
-
-def padded_tokens(lengths: np.ndarray, batches: Sequence[np.ndarray], pad_multiple: int = PAD_MULTIPLE) -> int:
-    """Token positions the model computes on for ``batches``: sum of batch size x padded length."""
-    return int(sum(len(b) * (-(-int(lengths[b].max()) // pad_multiple) * pad_multiple) for b in batches if len(b)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,7 +137,7 @@ def embedded_default_dir(n: int, seed: int, drg_version: str, cache_dir: str | P
 
 def _manifest_ok(folder: Path, version: str) -> bool:
     try:
-        manifest = verify_prepared(folder)
+        manifest = verify(folder)
     except (OSError, ValueError):  # absent, or not what its manifest says: rebuild it
         return False
     return manifest.get("drg_version") == version
@@ -598,7 +240,7 @@ class DRGDataModule(LightningDataModule):
         self.packing = packing
         self.pack_tokens = pack_tokens or max_length
 
-        self._folder: Path | None = None
+        self._folder: PreparedFolder | None = None
         self._label_space: LabelSpace | None = None
         self._tokenizer = None
         self._resume: dict[str, int] | None = None
@@ -612,40 +254,21 @@ class DRGDataModule(LightningDataModule):
     # data folder and label space
 
     @property
-    def prepared_dir(self) -> Path:
-        """The prepared folder, after checking its manifest (builds the embedded default on first access)."""
+    def prepared_folder(self) -> PreparedFolder:
+        """The prepared folder, opened after checking its manifest (builds the embedded default on first access)."""
         if self._folder is None:
             if self.data_dir is None:
-                folder = embedded_default_dir(self.synthetic_n, self.seed, self.drg_version, self.cache_dir)
+                path = embedded_default_dir(self.synthetic_n, self.seed, self.drg_version, self.cache_dir)
             else:
-                folder = Path(self.data_dir).expanduser()
-            self._check_folder(folder)
-            self._folder = folder
+                path = Path(self.data_dir).expanduser()
+            hint = ", or leave data_dir unset for the embedded synthetic corpus"
+            self._folder = PreparedFolder.open(path, drg_version=self.drg_version, hint=hint)
         return self._folder
 
-    def _check_folder(self, folder: Path) -> None:
-        if not folder.is_dir():
-            raise UserError(
-                f"data folder {folder} does not exist; create it with `python -m drg_llama.data prepare --mimic-root "
-                f"ROOT --out {folder}`, or leave data_dir unset for the embedded synthetic corpus."
-            )
-        manifest_path = folder / "manifest.json"
-        if not manifest_path.is_file():
-            raise UserError(
-                f"{folder} is not a prepared folder (no manifest.json); create one with "
-                f"`python -m drg_llama.data prepare --mimic-root ROOT --out {folder}`, or leave data_dir unset for "
-                "the embedded synthetic corpus."
-            )
-        manifest = verify_prepared(folder)  # every file's size, rows and checksum match the manifest
-        prepared = manifest.get("drg_version")
-        if prepared is None or resolve_version(prepared) != self.drg_version:
-            raise UserError(
-                f"{folder} was prepared with {prepared} but drg_version is {self.drg_version}; re-run prepare or set "
-                f"--data.drg_version {prepared}"
-            )
-        missing = [s for s in SPLITS if not (folder / f"{s}.parquet").is_file()]
-        if missing:
-            raise UserError(f"{folder} lacks {', '.join(s + '.parquet' for s in missing)}; re-run prepare.")
+    @property
+    def prepared_dir(self) -> Path:
+        """The path of :attr:`prepared_folder` (checked against its manifest on first access)."""
+        return self.prepared_folder.path
 
     @property
     def label_space(self) -> LabelSpace:
@@ -655,7 +278,7 @@ class DRGDataModule(LightningDataModule):
         """
         if self._label_space is None:
             codes = self._read_columns("train", ["drg_code"])["drg_code"]
-            path = self.prepared_dir / "train.parquet"
+            path = self.prepared_folder.split_path("train")
             if not len(codes):
                 raise UserError(f"{path} has no rows; nothing to train on (prepare more admissions).")
             if codes.nunique() < 2:
@@ -677,28 +300,13 @@ class DRGDataModule(LightningDataModule):
 
     def _read_columns(self, split: str, columns: list[str]) -> pd.DataFrame:
         """The first ``limit`` rows of a split, given columns only (never loads the text unless asked)."""
-        path = self.prepared_dir / f"{split}.parquet"
-        limit = self.limits[split]
-        try:
-            if limit is None:
-                return pq.read_table(path, columns=columns).to_pandas()
-            parts, total = [], 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=min(limit, 65_536), columns=columns):
-                parts.append(batch.to_pandas())
-                total += batch.num_rows
-                if total >= limit:
-                    break
-            frame = pd.concat(parts, ignore_index=True) if parts else pq.read_table(path, columns=columns).to_pandas()
-        except (pa.ArrowException, OSError) as err:
-            raise UserError(f"{path} is not a readable prepared split ({type(err).__name__}); re-run prepare") from None
-        return frame.iloc[:limit].reset_index(drop=True)
+        return self.prepared_folder.read(split, columns, self.limits[split])
 
     def split_frame(self, split: str) -> pd.DataFrame:
         """Admission facts of a split for evaluation writers, in row order (index = ``row``); no text.
 
         Columns: hadm_id, subject_id, drg_code, base_drg, mdc, n_words.
         """
-        _check_split(split)
         frame = self._read_columns(split, list(FRAME_COLUMNS))
         frame.index.name = "row"
         return frame
@@ -715,14 +323,13 @@ class DRGDataModule(LightningDataModule):
                     "DRGDataModule has no tokenizer: set data.tokenizer (e.g. smollm2_135m or a folder) or call "
                     "set_tokenizer(tokenizer) before requesting batches."
                 )
-            cfg = BackboneConfig(tokenizer=self.tokenizer_name, padding_side=self.padding_side or "right")
-            self.set_tokenizer(load_tokenizer(cfg))
+            self.set_tokenizer(load_tokenizer(self.tokenizer_name, padding_side=self.padding_side or "right"))
         return self._tokenizer
 
     def set_tokenizer(self, tokenizer) -> None:
         """Use ``tokenizer`` (the model's own) from now on; datasets tokenised with a different one are rebuilt."""
         if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token; load it with drg_llama.models.backbone.load_tokenizer")
+            raise ValueError("the tokenizer has no pad token; load it with drg_llama.pretrained.load_tokenizer")
         fingerprint = tokenizer_fingerprint(tokenizer)
         if self._tokenizer_fp is not None and fingerprint != self._tokenizer_fp:
             logger.warning("set_tokenizer: a different tokenizer than before; tokenised datasets will be rebuilt.")
@@ -752,8 +359,7 @@ class DRGDataModule(LightningDataModule):
 
     def tokenized_path(self, split: str) -> Path:
         """Arrow file that holds (or will hold) the tokenised split for the current tokenizer and settings."""
-        parquet = self.prepared_dir / f"{split}.parquet"
-        stat = parquet.stat()
+        stat = self.prepared_folder.split_path(split).stat()
         _ = self.tokenizer  # loading the tokenizer sets _tokenizer_fp
         key_parts = [
             _TOKENIZED_FORMAT,
@@ -790,7 +396,6 @@ class DRGDataModule(LightningDataModule):
         """
         import datasets
 
-        _check_split(split)
         features = datasets.Features(
             {
                 "hadm_id": datasets.Value("int64"),
@@ -798,7 +403,7 @@ class DRGDataModule(LightningDataModule):
                 "length": datasets.Value("int32"),
             }
         )
-        if not pq.ParquetFile(self.prepared_dir / f"{split}.parquet").metadata.num_rows:
+        if not self.prepared_folder.num_rows(split):
             # An empty split (drg_llama_2023 has no validation rows): datasets cannot read an empty Parquet file.
             return datasets.Dataset.from_dict({"hadm_id": [], "input_ids": [], "length": []}, features=features)
         path = self.tokenized_path(split)
@@ -814,7 +419,7 @@ class DRGDataModule(LightningDataModule):
         # and is deleted, only the tokenised file (no text) is kept.
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".hf-") as tmp:
             raw = datasets.Dataset.from_parquet(
-                str(self.prepared_dir / f"{split}.parquet"), columns=["hadm_id", "text"], cache_dir=tmp
+                str(self.prepared_folder.split_path(split)), columns=["hadm_id", "text"], cache_dir=tmp
             )
             if self.limits[split] is not None:
                 raw = raw.select(range(min(self.limits[split], len(raw))))
@@ -832,14 +437,14 @@ class DRGDataModule(LightningDataModule):
 
     def _label_arrays(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """labels [N], base_labels [N], severity_mask [N, 3] for the DRGs in ``frame.drg_code``."""
-        space, table = self.label_space, get_table(self.drg_version)
+        space = self.label_space
         per_code: dict[int, tuple[int, int, tuple[bool, ...]]] = {}
         for code in frame["drg_code"].unique().tolist():
             if code in space:
                 index, base, mask = space.encode(code)
             else:  # unseen in training: an error at evaluation, but its allowed severities are still known
-                allowed = table.allowed_severities(code) if code in table else frozenset()
-                index, base, mask = -1, -1, tuple(s in allowed for s in SEVERITIES)
+                allowed = space.facts([code]).severities[0]
+                index, base, mask = -1, -1, tuple(s.value in allowed for s in SEVERITIES)
             per_code[int(code)] = (index, base if self.variant == "two_label" else -1, mask)
         codes = frame["drg_code"].astype(np.int64).tolist()
         labels = np.array([per_code[c][0] for c in codes], dtype=np.int64)
@@ -849,7 +454,6 @@ class DRGDataModule(LightningDataModule):
 
     def dataset(self, split: str) -> TokenizedSplit:
         """The split as a torch Dataset of tokenised rows with labels (built on first use, then kept)."""
-        _check_split(split)
         if split not in self._datasets:
             frame = self._read_columns(split, ["hadm_id", "drg_code"])
             labels, base_labels, mask = self._label_arrays(frame)
@@ -1038,8 +642,3 @@ class DRGDataModule(LightningDataModule):
         packer.set_epoch(epoch)
         result["packed"] = real / max(1, packed_tokens(lengths, packer.batches()))
         return result
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

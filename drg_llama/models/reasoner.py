@@ -57,7 +57,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from drg_llama.data.datamodule import truncate_ids
+from drg_llama.data.tokenization import truncate_ids
 from drg_llama.drg import LabelSpace, resolve_version
 from drg_llama.metrics import f1_scores, score_predictions
 from drg_llama.models.backbone import (

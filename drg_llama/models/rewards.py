@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from drg_llama.drg import get_table, map_title, resolve_version
+from drg_llama.drg import DRGFacts, get_table, map_title, resolve_version
 
 #: Statuses of a parsed answer. ``ok``: a DRG of the target version; ``missing``: no ``<answer>`` block;
 #: ``empty``: a block with nothing usable in it; ``invalid_drg``: a code or title that names no DRG of the version.
@@ -189,10 +189,9 @@ def partial_drg_reward(
         if parsed.drg is None:
             out.append(0.0)
             continue
-        table = get_table(_version(kwargs, i))
-        same_base = table.base(parsed.drg) == table.base(gold)
-        same_severity = table.allowed_severities(parsed.drg) == table.allowed_severities(gold)
-        out.append(0.5 * same_base + 0.5 * same_severity)
+        version = _version(kwargs, i)
+        same = DRGFacts.of([parsed.drg], version).agreement(DRGFacts.of([gold], version))
+        out.append(0.5 * bool(same["base"][0]) + 0.5 * bool(same["severity"][0]))
     return out
 
 
@@ -244,7 +243,6 @@ def score_answers(
         near 1.0 means the model answers from the prior, not from the note), and with samples ``pass1_sampled``
         (mean over samples), ``maj_at_k``, ``pass_at_k``, ``k``.
     """
-    table = get_table(version)
     n = len(gold)
     if n == 0 or len(greedy) != n:
         raise ValueError(f"need one greedy answer per gold DRG, got {len(greedy)} and {n}")
@@ -252,21 +250,16 @@ def score_answers(
     def fraction(flags) -> float:
         return float(sum(flags)) / n
 
+    # No answer (None) has no facts, so it agrees with nothing: an invalid answer is wrong at every level.
+    same = DRGFacts.of([p.drg for p in greedy], version).agreement(DRGFacts.of(gold, version))
     out = {
         "pass1_greedy": fraction(p.drg == g for p, g in zip(greedy, gold)),
         "format_valid": fraction(p.format_ok and p.status in ("ok", "invalid_drg") for p in greedy),
         "invalid_drg": fraction(p.status == "invalid_drg" for p in greedy),
         "no_answer": fraction(p.status in ("missing", "empty") for p in greedy),
-        "answer_base_acc": fraction(
-            p.drg is not None and table.base(p.drg) == table.base(g) for p, g in zip(greedy, gold)
-        ),
-        "answer_severity_acc": fraction(
-            p.drg is not None and table.allowed_severities(p.drg) == table.allowed_severities(g)
-            for p, g in zip(greedy, gold)
-        ),
-        "answer_mdc_acc": fraction(
-            p.drg is not None and table[p.drg].mdc == table[g].mdc for p, g in zip(greedy, gold)
-        ),
+        "answer_base_acc": fraction(same["base"]),
+        "answer_severity_acc": fraction(same["severity"]),
+        "answer_mdc_acc": fraction(same["mdc"]),
         "top_answer_share": max(Counter(p.drg for p in greedy).values()) / n,
     }
     if sampled is not None:
