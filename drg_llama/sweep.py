@@ -259,7 +259,7 @@ def sweep_table(out: Path, names: list[str], variant: str) -> pd.DataFrame:
             "parameters": params.get("parameters"),
             "trainable_parameters": params.get("trainable_parameters"),
             "context_length": config["data"]["max_length"],
-            "max_epochs": config["trainer"].get("max_epochs"),
+            "max_epochs": (config.get("trainer") or {}).get("max_epochs"),
             "lora_target_modules": "+".join(backbone.get("lora_target_modules") or []),
         }
         row |= {key: metrics.get(key) for key in HEADLINE}

@@ -95,6 +95,8 @@ def test_sweep_writes_one_run_per_point_and_skips_finished_points(swept, monkeyp
         + ["--out", str(swept)]
     )
     assert list(one["point"]) == ["data.max_length-48", "data.max_length-32"]
+    sweep.main(["--variant", "two_label", "--config", str(CONFIG_DIR / "tiny.yaml"), *GRID, "--out", str(swept)])
+    assert list(pd.read_csv(swept / "sweep.csv")["point"]) == list(table["point"])  # the module's table, restored
 
 
 def test_sweep_table_names_depth_epochs_lora_and_the_windowed_baseline(swept):
