@@ -27,9 +27,7 @@ step bounds completions/s from above (``--bandwidth-tbs``, 4.3 TB/s measured on 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.train_throughput import SHAPES, _free, _peak_gb, _reset_peak, _sync, _versions  # noqa: E402
+from benchmarks.train_throughput import SHAPES, _free, _peak_gb, _reset_peak, _sync, report_header  # noqa: E402
 
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
@@ -115,11 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     floor_s = new * weight_bytes / (args.bandwidth_tbs * 1e12)  # every decode step reads every weight once
     report: dict[str, Any] = {
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
-        "command": " ".join(["python", *sys.argv]),
-        "versions": _versions(),
-        "settings": {k: v for k, v in vars(args).items()},
+        **report_header(args, device),
         "check_every": CHECK_EVERY,
         "weight_gb": weight_bytes / 2**30,
         "decode_floor_completions_per_s": n / floor_s if device.type == "cuda" else float("nan"),

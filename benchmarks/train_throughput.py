@@ -599,14 +599,7 @@ def run(args) -> dict[str, Any]:
         raise SystemExit(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)} or {sorted(SHAPE_ALIASES)}")
     peak = args.peak_tflops if device.type == "cuda" else None
     _label_space()  # fail here, in one sentence, if the tables cannot be read
-    report: dict[str, Any] = {
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
-        "command": " ".join(["python", *sys.argv]),
-        "versions": _versions(),
-        "settings": {k: v for k, v in vars(args).items()},
-        "rows": [],
-    }
+    report: dict[str, Any] = {**report_header(args, device), "rows": []}
     for shape in shapes if not args.qlora_only else []:
         for scenario in args.scenarios.split(","):
             kind, cap = parse_scenario(scenario)
@@ -701,6 +694,17 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         what = r["error"] or f"{r['samples_per_s']:.2f} samples/s, {r['tokens_per_s']:.0f} tok/s, MFU {_pct(r['mfu'])}"
         print(f"{r['shape']:>11} {r['scenario']:>9} {r['phase']:>5} {r['side']:>9} {r['batching']:>8}: {what}")
+
+
+def report_header(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """What every harness report opens with: date, device, the command, library versions and the settings."""
+    return {
+        "date": dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        "command": " ".join(["python", *sys.argv]),
+        "versions": _versions(),
+        "settings": dict(vars(args)),
+    }
 
 
 def _versions() -> dict[str, str]:

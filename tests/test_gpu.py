@@ -8,6 +8,7 @@ cache, packed flex_attention against padded sdpa, QLoRA's CUDA kernels, and the 
 import pytest
 import torch
 
+from benchmarks.gpu_check import SMALL_LLAMA as SMALL  # head size 64: flex_attention's GPU kernels need >= 16
 from drg_llama.models.backbone import BackboneConfig, build_causal_lm_backbone, build_classifier_backbone
 from drg_llama.models.reasoner import left_pad, sample_completions
 
@@ -15,17 +16,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-#: Head size 64: flex_attention's GPU kernels need >= 16.
-SMALL = {
-    "model_type": "llama",
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-}
 
 
 def test_cuda_graph_decoding_equals_the_dynamic_cache():
