@@ -166,13 +166,22 @@ def headline_bars(table: pd.DataFrame, metrics: Sequence[str] = tuple(HEADLINE))
 def sweep_lines(
     sweep: pd.DataFrame, x: str = "context_length", metrics: Sequence[str] = ("top1", "top5", "macro_f1_present")
 ) -> plt.Figure:
-    """Metrics against ``x`` (``context_length`` or ``parameters``), one line per value of the other axis."""
-    other = "model" if x == "context_length" else "context_length"
+    """Metrics against ``x`` (``context_length`` or ``parameters``), one line per setting of everything else.
+
+    The other settings are those of the sweep's columns that vary among ``model``, ``num_hidden_layers``,
+    ``context_length``, ``max_epochs`` and ``lora_target_modules`` (older sweep.csv files have only the first).
+    """
+    setting = [c for c in SETTING_COLUMNS if c in sweep and c != x and sweep[c].nunique(dropna=False) > 1]
+    if x == "parameters":
+        setting = [c for c in setting if c not in ("model", "num_hidden_layers")]  # they set the size itself
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for key, group in sweep.groupby(other, sort=True):
+        groups = sweep.groupby(setting, sort=True) if setting else [((), sweep)]
+        for key, group in groups:
+            key = key if isinstance(key, tuple) else (key,)
             group = group.sort_values(x)
-            ax.plot(group[x], group[metric], marker="o", label=f"{other}={key}")
+            label = ", ".join(f"{SETTING_NAMES.get(c, c)}={v}" for c, v in zip(setting, key)) or "all points"
+            ax.plot(group[x], group[metric], marker="o", label=label)
         if x == "parameters":
             ax.set_xscale("log")
         else:
@@ -180,10 +189,20 @@ def sweep_lines(
         ax.set_xlabel("context length (tokens)" if x == "context_length" else "parameters")
         ax.set_title(HEADLINE.get(metric, metric))
         ax.set_ylim(0, 1)
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"Sweep: metrics vs {'context length' if x == 'context_length' else 'model size'}")
     fig.tight_layout()
     return fig
+
+
+#: sweep.csv columns that describe a point's setting, and their short names in legends.
+SETTING_COLUMNS = ("model", "num_hidden_layers", "context_length", "max_epochs", "lora_target_modules")
+SETTING_NAMES = {
+    "num_hidden_layers": "layers",
+    "context_length": "tokens",
+    "max_epochs": "epochs",
+    "lora_target_modules": "LoRA",
+}
 
 
 def sweep_depth_lines(sweep: pd.DataFrame, metrics: Sequence[str] = ("top1", "macro_f1_present")) -> plt.Figure:

@@ -114,6 +114,8 @@ def build_report(run_paths: Sequence[str | Path], sweep: str | Path | None = Non
         if frame.empty:
             body["sweep"].append(_note("The sweep has no finished point yet."))
         else:
+            if "num_hidden_layers" in frame and frame["num_hidden_layers"].nunique() > 1:
+                body["sweep"].append(_img(plots.sweep_depth_lines(frame), "metrics against decoder layers"))
             body["sweep"] += [
                 _img(plots.sweep_lines(frame, "context_length"), "metrics against context length"),
                 _img(plots.sweep_lines(frame, "parameters"), "metrics against model size"),
