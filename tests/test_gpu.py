@@ -8,8 +8,9 @@ cache, packed flex_attention against padded sdpa, QLoRA's CUDA kernels, and the 
 import pytest
 import torch
 
+from drg_llama.data.reasoner import left_pad
 from drg_llama.models.backbone import BackboneConfig, build_causal_lm_backbone, build_classifier_backbone
-from drg_llama.models.reasoner import left_pad, sample_completions
+from drg_llama.models.generation import sample_completions
 
 pytestmark = [
     pytest.mark.gpu,

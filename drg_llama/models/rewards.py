@@ -1,8 +1,9 @@
-"""The reasoner's task: answer parsing, TRL-style reward functions and the scoring of generated answers.
+"""The reasoner's task: the prompt it is given, the answer format, parsing, TRL-style rewards and scoring.
 
-The reasoner writes ``<think>…</think><answer>DRG NNN: TITLE</answer>``. This module is the one place that reads
-that format, so what GRPO is rewarded for is exactly what ``evaluate`` reports (nanochat's "task owns its reward and
-its evaluation").
+The reasoner is told (``INSTRUCTION``) to write ``<think>…</think><answer>DRG NNN: TITLE</answer>``; SFT targets are
+written in that format (``target_text``). This module is the one place that writes and reads the format, so what SFT
+teaches, what GRPO is rewarded for and what ``evaluate`` reports cannot drift apart (the task owns its reward and its
+evaluation). The data module renders prompts and targets with ``prompt_parts`` and ``target_text``.
 
 Reward functions follow TRL's convention (STYLE.md): plain callables with keyword arguments ``prompts``,
 ``completions``, ``completion_ids``, every dataset column by name (``drg_code``, ``drg_version``), and ``**kwargs``;
@@ -76,6 +77,60 @@ def completion_text(completion: Any) -> str:
 def format_answer(code: int, version: str = "v43") -> str:
     """The answer block for DRG ``code``: ``<answer>DRG 291: Heart Failure and Shock with MCC</answer>``."""
     return f"<answer>DRG {int(code)}: {get_table(version)[code].title}</answer>"
+
+
+def target_text(drg_code: int, version: str, rationale: str | None) -> str:
+    """SFT target: ``<think>rationale</think><answer>DRG NNN: TITLE</answer>`` (empty think when answer-only)."""
+    return f"<think>{rationale or ''}</think>{format_answer(drg_code, version)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The prompt
+
+INSTRUCTION = (
+    "You assign the Medicare MS-DRG ({version}) of a hospital stay from its brief hospital course. "
+    "The principal diagnosis sets the major diagnostic category (MDC) and the base DRG; an operating-room procedure "
+    "makes the DRG surgical. Secondary diagnoses set the severity: a CC is a complication or comorbidity, an MCC a "
+    "major one, and a CC or MCC does not count when the principal diagnosis excludes it (CC exclusions). Reason "
+    "step by step inside <think></think>, then answer as <answer>DRG NNN: TITLE</answer>."
+)
+#: Prompt layout for tokenizers without a chat template (the byte tokenizer of tests).
+PLAIN_TEMPLATE = "### Instruction\n{instruction}\n\n### Hospital course\n{note}\n\n### Response\n"
+_NOTE = "\x00NOTE\x00"  # placeholder the template is rendered around; never appears in a note
+
+
+def instruction_for(version: str, instruction: str | None = None) -> str:
+    """The system instruction for MS-DRG ``version``: ``instruction`` (default ``INSTRUCTION``), version filled in."""
+    return (instruction if instruction is not None else INSTRUCTION).replace("{version}", f"version {version}")
+
+
+def prompt_parts(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the note: the rendered chat template (or ``PLAIN_TEMPLATE``) split at the note.
+
+    Args:
+        tokenizer: Any HF tokenizer; its ``chat_template`` is used when set.
+        instruction: The system instruction (kept whole).
+
+    Returns:
+        ``(prefix_ids, suffix_ids)``; a prompt is ``prefix + note_ids + suffix`` and ends where the answer starts.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [
+            {"role": "system", "content": instruction},
+            {"role": "user", "content": f"Hospital course:\n{_NOTE}"},
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos: list[int] = []  # the template writes its own special tokens
+    else:
+        text = PLAIN_TEMPLATE.format(instruction=instruction, note=_NOTE)
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    before, after = text.split(_NOTE)
+    encode = tokenizer(add_special_tokens=False, text=[before, after])["input_ids"]
+    return bos + list(encode[0]), list(encode[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -281,6 +336,8 @@ def score_answers(
 
 
 __all__ = [
+    "INSTRUCTION",
+    "PLAIN_TEMPLATE",
     "REWARD_FUNCTIONS",
     "STATUSES",
     "ParsedAnswer",
@@ -289,9 +346,12 @@ __all__ = [
     "exact_drg_reward",
     "format_answer",
     "format_reward",
+    "instruction_for",
     "invalid_drg_penalty",
     "majority_vote",
     "parse_answer",
     "partial_drg_reward",
+    "prompt_parts",
     "score_answers",
+    "target_text",
 ]
