@@ -96,6 +96,11 @@ class DRGLightningCLI(LightningCLI):
         if ckpt_path == "last":
             ckpt_path = newest_last_checkpoint(logger_args)
         checkpoint = read_checkpoint(ckpt_path)  # a missing, truncated or foreign file: one line, not a traceback
+        started_from = checkpoint["hyper_parameters"].get("init_adapter")
+        given = self.config.model.init_args.get("init_adapter")
+        if started_from and (not given or str(Path(given).expanduser().resolve()) != started_from):
+            # The adapter is merged into the base weights, which the checkpoint does not hold.
+            raise UserError(f"{ckpt_path} trained on top of {started_from}; pass --model.init_adapter {started_from}")
         self.resume_step = int(checkpoint.get("global_step", 0))
         self.config.ckpt_path = str(ckpt_path)
         folder = Path(ckpt_path).parent

@@ -301,7 +301,7 @@ def test_grpo_run_carries_its_sft_adapter(runs, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["sft", "grpo"])
-def test_cli_resume_continues_the_same_run_folder(runs, variant, tmp_path, monkeypatch):
+def test_cli_resume_continues_the_same_run_folder(runs, variant, tmp_path, monkeypatch, capsys):
     """``--ckpt_path last`` as for the classifier: the same run folder, its metrics.csv rows kept, two more steps."""
     work = Path(shutil.copytree(runs["sft"][0].parent.parent.parent, tmp_path / "work"))
     monkeypatch.chdir(work)
@@ -315,6 +315,11 @@ def test_cli_resume_continues_the_same_run_folder(runs, variant, tmp_path, monke
     assert len(before) == 2 and len(trained) == 4 and trained["step"].is_monotonic_increasing
     pd.testing.assert_frame_equal(trained.iloc[:2][["step", column]], before[["step", column]])  # history kept
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    if variant == "grpo":  # its base holds the SFT adapter, which the checkpoint does not: resuming needs it
+        capsys.readouterr()
+        with pytest.raises(SystemExit, match="2"):
+            main(["--variant", "grpo", "--config", TINY_CONFIG, "--ckpt_path", "last", "--trainer.max_steps", "6"])
+        assert f"pass --model.init_adapter {runs['sft'][0]}" in capsys.readouterr().err
 
 
 class _Killed(RuntimeError):
