@@ -67,7 +67,7 @@ def reasoner_answers(model, data, texts: Sequence[str], with_reasoning: bool = F
     import torch
 
     from drg_llama.drg import get_table
-    from drg_llama.models.rewards import parse_answer
+    from drg_llama.drg.answers import parse_answer
 
     data.set_tokenizer(model.tokenizer)
     answers = []

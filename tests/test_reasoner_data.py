@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from drg_llama.data.reasoner import EpochShuffle, ReasonerDataModule, build_prompts
+from drg_llama.data.reasoner import EpochShuffle, ReasonerDataModule, build_prompts, prompt_parts
+from drg_llama.drg.answers import parse_answer, target_text
 from drg_llama.errors import UserError
 from drg_llama.models.backbone import build_causal_lm_backbone
-from drg_llama.models.rewards import parse_answer, prompt_parts, target_text
 from tests.test_generation import tiny_backbone
 
 

@@ -11,11 +11,11 @@ The prepared folder (or the embedded synthetic default), its checks against the 
 label space come from a ``DRGDataModule`` held here (single-label: the reasoner answers DRGs, one class each); it is
 never asked to tokenise. The note text is read, turned into token ids and dropped: it never reaches a batch or a log.
 
-**Prompt.** The tokenizer's chat template renders the system instruction (``rewards.INSTRUCTION``: what MS-DRG, CC and
-MCC mean, and the answer format) and the hospital course. The note alone is truncated to ``max_note_tokens`` (head,
-tail or head and tail); the instruction never is. The template is rendered once around a placeholder and the note's
-ids are spliced in, so truncation happens on token ids. A tokenizer without a chat template (the byte tokenizer of
-tests) uses ``rewards.PLAIN_TEMPLATE``.
+**Prompt.** The tokenizer's chat template renders the system instruction (``drg.answers.INSTRUCTION``: what MS-DRG,
+CC and MCC mean, and the answer format) and the hospital course. The note alone is truncated to ``max_note_tokens``
+(head, tail or head and tail); the instruction never is. The template is rendered once around a placeholder and the
+note's ids are spliced in, so truncation happens on token ids. A tokenizer without a chat template (the byte
+tokenizer of tests) uses ``PLAIN_TEMPLATE``.
 
 **Targets** (train and val rows; GRPO reads the val targets only, for ``val/loss``): ``<think>rationale</think>
 <answer>DRG NNN: TITLE</answer>`` + eos, with grounded rationales written from the admission's codes and the
@@ -49,8 +49,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from drg_llama.data.datamodule import DRGDataModule, truncate_ids
 from drg_llama.drg import LabelSpace
+from drg_llama.drg.answers import instruction_for, target_text
 from drg_llama.errors import UserError
-from drg_llama.models.rewards import instruction_for, prompt_parts, target_text
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,36 @@ _COLUMNS = ["hadm_id", "drg_code", "text"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and batches (pure functions, tested on literal ids)
+
+
+#: Prompt layout for tokenizers without a chat template (the byte tokenizer of tests).
+PLAIN_TEMPLATE = "### Instruction\n{instruction}\n\n### Hospital course\n{note}\n\n### Response\n"
+_NOTE = "\x00NOTE\x00"  # placeholder the template is rendered around; never appears in a note
+
+
+def prompt_parts(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the note: the rendered chat template (or ``PLAIN_TEMPLATE``) split at the note.
+
+    Args:
+        tokenizer: Any HF tokenizer; its ``chat_template`` is used when set.
+        instruction: The system instruction (kept whole).
+
+    Returns:
+        ``(prefix_ids, suffix_ids)``; a prompt is ``prefix + note_ids + suffix`` and ends where the answer starts.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [
+            {"role": "system", "content": instruction},
+            {"role": "user", "content": f"Hospital course:\n{_NOTE}"},
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos: list[int] = []  # the template writes its own special tokens
+    else:
+        text = PLAIN_TEMPLATE.format(instruction=instruction, note=_NOTE)
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    before, after = text.split(_NOTE)
+    encode = tokenizer(add_special_tokens=False, text=[before, after])["input_ids"]
+    return bos + list(encode[0]), list(encode[1])
 
 
 def build_prompts(
@@ -164,7 +194,7 @@ class ReasonerDataModule(LightningDataModule):
         data_dir: Prepared folder (train/val/test.parquet + manifest.json); None builds the embedded synthetic
             default into the cache ($DRG_LLAMA_CACHE or ~/.cache/drg_llama) once and reuses it.
         drg_version: MS-DRG version of the classes and answers; must match the prepared folder's manifest.
-        instruction: System instruction; None uses ``rewards.INSTRUCTION`` (``{version}`` is filled in).
+        instruction: System instruction; None uses ``drg.answers.INSTRUCTION`` (``{version}`` is filled in).
         max_note_tokens: Token budget of the hospital course in the prompt (the instruction is never truncated).
         truncation: Which note tokens to keep: ``head``, ``tail`` or ``head_tail``.
         rationale: SFT targets: ``grounded`` (from codes + grouper, answer-only where unavailable) or ``answer_only``.
@@ -382,4 +412,13 @@ class ReasonerDataModule(LightningDataModule):
         self._resume = state if state and state.get("batches") else None
 
 
-__all__ = ["EpochShuffle", "ReasonerDataModule", "build_prompts", "collate", "left_pad", "sft_batch"]
+__all__ = [
+    "PLAIN_TEMPLATE",
+    "EpochShuffle",
+    "ReasonerDataModule",
+    "build_prompts",
+    "collate",
+    "left_pad",
+    "prompt_parts",
+    "sft_batch",
+]

@@ -16,7 +16,7 @@ this loop is most of the reasoner's time:
 * **Static cache and CUDA graphs.** ``StaticDecoder`` decodes over a preallocated cache and 4-D mask, and on a CUDA
   device replays each decode step as one CUDA graph.
 
-Sampling stops at ``</answer>`` (``AnswerStop``): nothing after it is read by the parser in ``rewards.py``.
+Sampling stops at ``</answer>`` (``AnswerStop``): nothing after it is read by the parser (``drg.answers``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from drg_llama.models.rewards import answer_closed
+from drg_llama.drg.answers import answer_closed
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@
     python -m drg_llama.train --variant grpo --model.init_adapter runs/sft/version_0  # starts from the SFT adapter
 
 It trains on the batches of ``drg_llama.data.reasoner.ReasonerDataModule`` (prompts and SFT targets) and writes
-``<think>…</think><answer>DRG NNN: TITLE</answer>``; the format, its parser and the rewards live in ``rewards.py``.
+``<think>…</think><answer>DRG NNN: TITLE</answer>`` (the format and its parser: ``drg.answers``; the rewards:
+``rewards``).
 
 **SFT** (``stage="sft"``): cross-entropy on the completion tokens only (prompt and padding are labelled -100).
 
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from drg_llama.drg import LabelSpace
+from drg_llama.drg.answers import ParsedAnswer, parse_answer
 from drg_llama.errors import UserError
 from drg_llama.metrics import f1_scores, score_predictions
 from drg_llama.models.backbone import (
@@ -63,7 +65,7 @@ from drg_llama.models.grpo import (
     nanstd,
     reward_table,
 )
-from drg_llama.models.rewards import REWARD_FUNCTIONS, ParsedAnswer, parse_answer, score_answers
+from drg_llama.models.rewards import REWARD_FUNCTIONS, score_answers
 
 #: The test metrics logged to metrics.csv (test_metrics.json holds them all).
 SUMMARY_METRICS = (
