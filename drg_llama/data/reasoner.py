@@ -47,14 +47,13 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
-from drg_llama.data.datamodule import DRGDataModule, truncate_ids
+from drg_llama.data.datamodule import TRUNCATIONS, DRGDataModule, truncate_ids
 from drg_llama.drg import LabelSpace
 from drg_llama.drg.answers import instruction_for, target_text
 from drg_llama.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-TRUNCATIONS = ("head", "tail", "head_tail")
 RATIONALES = ("grounded", "answer_only")
 #: Columns read from a prepared split; the text is dropped once its tokens are in the prompts.
 _COLUMNS = ["hadm_id", "drg_code", "text"]
@@ -167,7 +166,7 @@ class EpochShuffle(Sampler[int]):
         """Row indices of the current epoch."""
         generator = torch.Generator().manual_seed(self.seed)
         for _ in range(self.epoch + 1):
-            # A shuffling DataLoader draws its workers' base seed from the generator before the permutation.
+            # What DataLoader(shuffle=True, generator=...) draws: its workers' base seed, then the permutation.
             torch.empty((), dtype=torch.int64).random_(generator=generator)
             order = torch.randperm(self.num_rows, generator=generator)
         return order.tolist()

@@ -96,7 +96,7 @@ def invalid_drg_penalty(completions: Sequence[Any], **kwargs: Any) -> list[float
     return [-1.0 if p.status == "invalid_drg" else 0.0 for p in _parsed(completions, kwargs)]
 
 
-#: Reward functions by the names configs use (``model.reward_funcs: [format, exact, invalid]``).
+#: Reward functions by the names configs use (``model.rewards.functions: [format, exact, invalid]``).
 REWARD_FUNCTIONS = {
     "format": format_reward,
     "exact": exact_drg_reward,
