@@ -213,7 +213,7 @@ def stage_grpo(args) -> dict:
     start = time.perf_counter()
     sft, sft_probe = _train(["--variant", "sft", *common, "--trainer.max_steps", "4"], args.work)
     sft_run = _run_dir(args.work, "sft")
-    grpo_args = ["--variant", "grpo", *common, "--model.init_adapter", str(sft_run), "--model.beta", "0.04"]
+    grpo_args = ["--variant", "grpo", *common, "--model.init_adapter", str(sft_run), "--model.grpo.beta", "0.04"]
     grpo, grpo_probe = _train([*grpo_args, "--trainer.max_steps", "2"], args.work)
     import pandas as pd
 

@@ -10,7 +10,7 @@ it, bf16 on CUDA, SDPA, in eval mode. Each draws ``group`` completions for each 
 ``prompt-tokens`` tokens, exactly ``new-tokens`` tokens each (no stop: our eos is an id that never occurs, the
 reference gets ``min_new_tokens``), at temperature 1 with no top-k/top-p, which is what GRPO samples from.
 
-* **ours**: ``drg_llama.models.reasoner.sample_completions``: each prompt is prefilled once and its KV cache
+* **ours**: ``drg_llama.models.generation.sample_completions``: each prompt is prefilled once and its KV cache
   repeated G times; eos is tracked on the device and the host looks every ``CHECK_EVERY`` tokens; on CUDA the
   decode steps run over a preallocated cache as one CUDA graph each (``StaticDecoder``).
 * **ours, dynamic cache**: the same with ``kv_cache="dynamic"`` (transformers' growing cache, eager steps), to
@@ -73,7 +73,7 @@ def _timed(fn, device: torch.device, repeats: int) -> tuple[float, list[float], 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time both samplers; returns the report (also printed as one table line per side and the ratio)."""
-    from drg_llama.models.reasoner import CHECK_EVERY, sample_completions
+    from drg_llama.models.generation import CHECK_EVERY, sample_completions
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -16,29 +16,24 @@ from collections.abc import Sequence
 import pandas as pd
 
 
-def evaluate_reasoner(
-    model, data, split: str = "test", samples: int | None = None, with_reasoning: bool = False
-) -> tuple[pd.DataFrame, dict]:
+def evaluate_reasoner(model, data, split: str = "test", with_reasoning: bool = False) -> tuple[pd.DataFrame, dict]:
     """Generate on ``split`` of ``data``: the predictions frame and the report (the classifier's layout).
 
     Args:
         model: A ``DRGReasoner`` from ``Run.load_model``.
-        data: The ``DRGDataModule`` to score (``Run.data_module``).
+        data: The ``ReasonerDataModule`` to score (``Run.data_module``).
         split: ``val`` or ``test``.
-        samples: k sampled answers per note for Pass@1 (sampled), Maj@k, Pass@k; default the run's ``eval_samples``.
         with_reasoning: Add the greedy reasoning text to the predictions (it may quote the note).
     """
     import lightning as L
 
     from drg_llama.models.rewards import majority_vote
 
-    model.attach_data(data)
-    if samples is not None:
-        model.hparams.eval_samples = samples
+    data.set_tokenizer(model.tokenizer)
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
-    trainer.test(model, dataloaders=model._loader(split, train=False), verbose=False)
+    trainer.test(model, dataloaders=data.eval_dataloader(split), verbose=False)
     result = model.last_eval
-    frame = model.split_frame(split).drop(columns=["text"])
+    frame = data.split_frame(split)
     rows = [r["row"] for r in result["rows"]]
     predictions = pd.DataFrame(
         {
@@ -59,24 +54,26 @@ def evaluate_reasoner(
     return predictions, report
 
 
-def reasoner_answers(model, texts: Sequence[str], with_reasoning: bool = False) -> pd.DataFrame:
+def reasoner_answers(model, data, texts: Sequence[str], with_reasoning: bool = False) -> pd.DataFrame:
     """The greedy answer to every text, one row each in order: ``drg_1``, ``title_1``, ``answer_status``,
-    ``format_ok`` (+ ``reasoning`` when asked; it may quote the note)."""
+    ``format_ok`` (+ ``reasoning`` when asked; it may quote the note).
+
+    Args:
+        model: A ``DRGReasoner`` from ``Run.load_model``.
+        data: The run's ``ReasonerDataModule`` (``Run.data_module``): its prompt settings render the texts.
+        texts: Notes to answer.
+        with_reasoning: Add the reasoning text (it may quote the note).
+    """
     import torch
 
     from drg_llama.drg import get_table
-    from drg_llama.models.reasoner import build_prompts, left_pad
-    from drg_llama.models.rewards import parse_answer
+    from drg_llama.drg.answers import parse_answer
 
-    prompts = build_prompts(
-        model.tokenizer, list(texts), model.parts, model.hparams.max_note_tokens, model.hparams.truncation
-    )
-    size = model.hparams.eval_batch_size
+    data.set_tokenizer(model.tokenizer)
     answers = []
     with torch.no_grad():
-        for start in range(0, len(prompts), size):
-            ids, mask = left_pad(prompts[start : start + size], model.tokenizer.pad_token_id)
-            greedy, _ = model.generate(ids, mask)
+        for batch in data.texts_dataloader(texts):
+            greedy, _ = model.generate(batch["prompt_ids"], batch["prompt_mask"])
             answers += [parse_answer(text, model.version) for text in greedy]
     table = get_table(model.version)
     out = pd.DataFrame(

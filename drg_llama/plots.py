@@ -358,6 +358,57 @@ def confusion_heatmap(
     return fig
 
 
+def reward_curve(logged: pd.DataFrame, window: int = 5) -> plt.Figure | None:
+    """A GRPO run at a glance, from its ``metrics.csv`` (``pd.read_csv``); None when it logged no reward.
+
+    Left: the mean reward per step, its moving average, the exact/format reward means and, when the run validated,
+    the held-out reward on the same validation notes at each check (step 0 = before GRPO): of greedy answers and,
+    with ``val_samples``, of answers sampled at the training temperature with the same seed each check. Right:
+    what shows mode collapse or reward hacking before the reward does: per-token entropy, distinct answers per
+    prompt / G and the KL to the SFT policy (moving averages).
+    """
+    if "train/reward" not in logged:
+        return None
+    frame = logged.dropna(subset=["train/reward"]).reset_index(drop=True)
+    steps = frame["step"].to_numpy() + 1
+
+    def smooth(column: str):
+        return frame[column].rolling(window, min_periods=1).mean()
+
+    fig, (ax, mon) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+    ax.plot(steps, frame["train/reward"], "o", ms=3, alpha=0.45, label="mean reward of the step")
+    ax.plot(steps, smooth("train/reward"), "-", lw=2, label=f"moving average ({window} steps)")
+    for column, name in (("train/rewards/exact", "exact DRG"), ("train/rewards/format", "format")):
+        if column in frame:
+            ax.plot(steps, smooth(column), "--", lw=1, label=name)
+    # Held-out curves: the same validation notes after 0 (the SFT policy), n, 2n… optimizer steps.
+    held_out_curves = (
+        ("val/reward_greedy", "s-", "black", "held-out reward, greedy"),
+        ("val/reward_sampled", "o--", "white", "held-out reward, sampled as in training"),
+    )
+    for column, style, face, name in held_out_curves:
+        if column in logged and logged[column].notna().any():
+            held_out = logged.dropna(subset=[column])
+            x, y = held_out["val/optimizer_steps"], held_out[column]
+            ax.plot(x, y, style, color="black", mfc=face, ms=5, lw=1.5, label=name)
+    ax.set_title("reward", fontsize=9)
+    monitors = (
+        ("train/entropy", "entropy (nats/token)"),
+        ("train/group_distinct", "distinct answers / G"),
+        ("train/kl", "KL to SFT policy"),
+    )
+    for column, name in monitors:
+        if column in frame and frame[column].notna().any():
+            mon.plot(steps, smooth(column), lw=1.5, label=name)
+    mon.set_title(f"collapse monitors (moving average, {window} steps)", fontsize=9)
+    for axis in (ax, mon):
+        axis.set_xlabel("GRPO step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def figure_png_base64(fig: plt.Figure, dpi: int = 100) -> str:
     """PNG bytes of a figure, base64-encoded (for ``<img src="data:image/png;base64,...">``); closes the figure."""
     buffer = io.BytesIO()

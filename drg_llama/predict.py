@@ -224,7 +224,7 @@ def predict_file(
     if run.recipe == "reasoner":
         from drg_llama.evaluate_reasoner import reasoner_answers
 
-        predicted = reasoner_answers(model, texts, with_reasoning)
+        predicted = reasoner_answers(model, run.data_module(need_data=False), texts, with_reasoning)
     else:
         predicted = classifier_top_k(run, model, ckpt, texts, top_k)
     predicted.index = notes.index[usable]

@@ -6,7 +6,7 @@ original. Nothing here resolves a path against the working directory or re-deriv
 
 Layout of ``runs/<variant>/version_N/``::
 
-    config.yaml          the resolved training configuration (LightningCLI)
+    config.yaml          the resolved training configuration (LightningCLI; model and data by class_path)
     run.json             recipe (classifier | reasoner), variant, the tested checkpoint (relative to the folder),
                          whether it was picked on validation, the DRG counts of the training rows
     label_space.json     the classes (LabelSpace.to_dict)
@@ -51,6 +51,9 @@ LABEL_SPACE_FILE = "label_space.json"
 TEST_METRICS_FILE = "test_metrics.json"
 CALIBRATION_FILE = "calibration.json"
 REASONER_FILE = "reasoner.json"
+METRICS_FILE = "metrics.csv"
+BASELINE_DIR = "baseline"
+REWARD_CURVE_FILE = "reward_curve.png"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 ADAPTER_DIR = "adapter"
@@ -120,6 +123,32 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """A run's ``config.yaml`` with ``model`` and ``data`` as their settings, or a RunError naming the file.
+
+    The training CLI saves each as ``{class_path, init_args}``; folders written before it did hold the settings
+    directly. Either way ``config["model"]`` is the model's settings (``backbone``, ...).
+    """
+    config_path = Path(folder) / CONFIG_FILE
+    if not config_path.is_file():
+        raise RunError(f"{folder} has no {CONFIG_FILE}; pass a run folder written by python -m drg_llama.train")
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise RunError(f"{config_path} is not valid YAML{where}; restore it from the training run") from None
+    except UnicodeDecodeError:
+        raise RunError(f"{config_path} is not UTF-8 text; restore it from the training run") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise RunError(f"{config_path} has no model section; restore it from the training run")
+    for section in ("model", "data"):
+        value = config.get(section)
+        if isinstance(value, dict) and "class_path" in value:
+            config[section] = value.get("init_args") or {}
+    return config
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -181,7 +210,7 @@ class Run:
 
     Attributes:
         folder: The run folder.
-        config: ``config.yaml`` as a dict.
+        config: ``config.yaml`` as a dict, ``model`` and ``data`` as their settings (``read_config``).
         record: ``run.json`` (or, for a folder written before it existed, the same facts read from older files).
         label_space: The run's classes, from ``label_space.json``.
     """
@@ -197,22 +226,15 @@ class Run:
         folder = Path(folder)
         if not folder.is_dir():
             raise RunError(f"{folder} is not a folder; pass a run folder written by python -m drg_llama.train")
-        config_path = folder / CONFIG_FILE
-        if not config_path.is_file():
-            raise RunError(f"{folder} has no {CONFIG_FILE}; pass a run folder written by python -m drg_llama.train")
-        try:
-            config = yaml.safe_load(config_path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise RunError(f"{config_path} is not valid YAML{where}; restore it from the training run") from None
-        except UnicodeDecodeError:
-            raise RunError(f"{config_path} is not UTF-8 text; restore it from the training run") from None
-        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-            raise RunError(f"{config_path} has no model section; restore it from the training run")
+        config = read_config(folder)
         record = read_json(folder / RUN_FILE) if (folder / RUN_FILE).is_file() else _record_from_older_files(folder)
         if record.get("recipe") not in RECIPES:
             raise RunError(f"{folder / RUN_FILE} names no recipe ({' or '.join(RECIPES)}); restore it from training")
+        if record["recipe"] == "reasoner" and "max_new_tokens" in config["model"]:
+            raise RunError(
+                f"{folder} is a reasoner run written before the reasoner's settings were grouped (model.generation, "
+                f"model.grpo, model.rewards, data.max_note_tokens...); train it again with python -m drg_llama.train"
+            )
         space_path = folder / LABEL_SPACE_FILE
         space = read_json(space_path)
         try:
@@ -348,7 +370,8 @@ class Run:
     # data
 
     def data_module(self, data_dir: str | Path | None = None, *, need_data: bool = True):
-        """A ``DRGDataModule`` with the run's tokenisation settings and label space (nothing is read yet).
+        """The run's data module (``DRGDataModule``, or ``ReasonerDataModule`` for a reasoner run) with its
+        tokenisation or prompt settings and label space; nothing is read yet.
 
         Args:
             data_dir: A prepared folder to score instead of the run's own data; all its rows are used (the run's
@@ -356,11 +379,16 @@ class Run:
             need_data: False when only the tokenisation settings are wanted (``predict``): the run's own data
                 folder may then be absent.
         """
-        from drg_llama.data.datamodule import DRGDataModule
+        if self.recipe == "reasoner":
+            from drg_llama.data.reasoner import ReasonerDataModule as data_class
+        else:
+            from drg_llama.data.datamodule import DRGDataModule as data_class
 
-        accepted = inspect.signature(DRGDataModule.__init__).parameters
+        accepted = inspect.signature(data_class.__init__).parameters
         args = {k: v for k, v in (self.config.get("data") or {}).items() if k in accepted and k != "label_space"}
-        args.update(variant=self.label_space.variant, drg_version=self.label_space.version)
+        args["drg_version"] = self.label_space.version
+        if "variant" in accepted:
+            args["variant"] = self.label_space.variant
         if data_dir is not None:
             args.update(data_dir=str(data_dir), limit_train=None, limit_val=None, limit_test=None)
         elif args.get("data_dir") is not None:
@@ -372,7 +400,7 @@ class Run:
                     "folder to score"
                 )
             args["data_dir"] = recorded or args["data_dir"]
-        data = DRGDataModule(**args)
+        data = data_class(**args)
         data.use_label_space(self.label_space)
         return data
 
@@ -492,6 +520,7 @@ __all__ = [
     "RunError",
     "json_ready",
     "read_checkpoint",
+    "read_config",
     "record_run",
     "replacing",
     "tested_checkpoint",

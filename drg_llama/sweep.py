@@ -42,8 +42,8 @@ from pathlib import Path
 
 import lightning as L
 import pandas as pd
-import yaml
 
+from drg_llama.runs import read_config
 from drg_llama.train import CONFIG_DIR
 
 log = logging.getLogger("drg_llama.sweep")
@@ -245,7 +245,7 @@ def sweep_table(out: Path, names: list[str], variant: str) -> pd.DataFrame:
         test_path = run_dir / "test_metrics.json"
         if not test_path.exists():
             continue
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config = read_config(run_dir)
         point = _read_json(run_dir / POINT_FILE)
         params = _read_json(run_dir / PARAMETERS_FILE)
         metrics = json.loads(test_path.read_text())["metrics"]

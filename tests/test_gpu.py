@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from benchmarks.gpu_check import SMALL_LLAMA as SMALL  # head size 64: flex_attention's GPU kernels need >= 16
+from drg_llama.data.reasoner import left_pad
 from drg_llama.models.backbone import BackboneConfig, build_causal_lm_backbone, build_classifier_backbone
-from drg_llama.models.reasoner import left_pad, sample_completions
+from drg_llama.models.generation import sample_completions
 
 pytestmark = [
     pytest.mark.gpu,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from drg_llama.models.reasoner import (
+from drg_llama.models.grpo import (
     clipped_token_loss,
     combine_rewards,
     group_advantages,

@@ -17,12 +17,6 @@ ALLOWED = {
     "data": ("drg_llama.data", "drg_llama.drg", "drg_llama.errors", "drg_llama.pretrained", "drg_llama.__version__"),
     "models": ("drg_llama.models", "drg_llama.drg", "drg_llama.errors", "drg_llama.pretrained", "drg_llama.metrics"),
 }
-#: models/reasoner.py still reads its own data (truncation, rationales); issue 17 item 1 moves that into a data
-#: module. Remove the entry when it has moved.
-NOT_YET = {
-    ("models", "models/reasoner.py", "drg_llama.data.tokenization"),
-    ("models", "models/reasoner.py", "drg_llama.data.rationales"),
-}
 
 
 def _imports(path: Path, top_level_only: bool = False) -> set[str]:
@@ -45,7 +39,7 @@ def test_layer_imports_only_what_lies_below_it(layer):
         for name in _imports(path)
         if name.startswith("drg_llama") and not any(name == ok or name.startswith(ok + ".") for ok in ALLOWED[layer])
     }
-    assert wrong - NOT_YET == set()
+    assert wrong == set()
 
 
 def test_the_domain_core_imports_no_torch():

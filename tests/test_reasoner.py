@@ -1,142 +1,43 @@
-"""The reasoner on tiny random models: prompts, shared prefill, a GRPO step, end to end, and a TRL cross-check.
+"""The reasoner on tiny random models: group log-probs, a GRPO step, end to end, and a TRL cross-check.
 
-The synthetic corpus is built once per module into a temporary DRG_LLAMA_CACHE.
+The synthetic corpus is built once per session into a temporary DRG_LLAMA_CACHE.
 """
 
 import json
 import os
 import shutil
+from pathlib import Path
 
 import lightning as L
 import pandas as pd
 import pytest
 import torch
+import yaml
 
-from drg_llama.data.datamodule import DRGDataModule
+from drg_llama.data.reasoner import ReasonerDataModule, left_pad
 from drg_llama.evaluate import evaluate_run
 from drg_llama.models.backbone import BackboneConfig, build_causal_lm_backbone
-from drg_llama.models.reasoner import (
-    VAL_METRICS,
-    DRGReasoner,
+from drg_llama.models.generation import sample_completions
+from drg_llama.models.grpo import (
     answer_diversity,
-    answer_stop,
-    build_prompts,
     clipped_token_loss,
     combine_rewards,
     group_advantages,
     group_log_probs,
-    left_pad,
-    positions,
-    prompt_parts,
     reward_table,
-    sample_completions,
-    target_text,
-    token_log_probs,
 )
-from drg_llama.models.rewards import exact_drg_reward, format_reward, parse_answer
+from drg_llama.models.reasoner import VAL_METRICS, DRGReasoner, GenerationConfig, GRPOConfig, RewardConfig
+from drg_llama.models.rewards import exact_drg_reward, format_reward
 from drg_llama.predict import predict_file
+from drg_llama.runs import Run, RunError
 from drg_llama.train import CONFIG_DIR, main
+from tests.test_generation import TINY, full_forward_log_probs, tiny_backbone
 
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "vocab_size": 300,
-    "max_position_embeddings": 1024,
-}
 TINY_CONFIG = str(CONFIG_DIR / "tiny_reasoner.yaml")
 
 
-def full_forward_log_probs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
-    """The plain definition ``group_log_probs`` must equal: one forward of every (repeated) prompt + completion."""
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    c = completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=c + 1).logits
-    return token_log_probs(logits[:, :-1], completion_ids, temperature)
-
-
-def tiny_backbone(**kw) -> BackboneConfig:
-    return BackboneConfig(name_or_path="random", random_init=TINY, tokenizer="byte", lora_r=4, lora_alpha=8, **kw)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# prompts
-
-
-class _ChatTokenizer:
-    """Stands in for a tokenizer with a chat template: one id per character, template markers as text."""
-
-    chat_template = "x"
-    bos_token_id = None
-
-    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
-        body = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
-        return body + ("<assistant>" if add_generation_prompt else "")
-
-    def __call__(self, text, add_special_tokens=False, verbose=False):
-        return {"input_ids": [[ord(c) for c in t] for t in text]}
-
-
-def test_the_note_is_truncated_and_the_instruction_never_is():
-    tok = _ChatTokenizer()
-    instruction = "Explain MS-DRG, CC and MCC. " * 20  # long: must survive whole
-    parts = prompt_parts(tok, instruction)
-    note = "A" * 50 + "B" * 50
-    (prompt,) = build_prompts(tok, [note], parts, max_note_tokens=10, truncation="head_tail")
-    text = "".join(chr(i) for i in prompt)
-    assert text == f"<system>{instruction}</><user>Hospital course:\nAAAAABBBBB</><assistant>"
-    (short,) = build_prompts(tok, ["tiny"], parts, max_note_tokens=10, truncation="tail")
-    assert "".join(chr(i) for i in short).endswith("Hospital course:\ntiny</><assistant>")
-
-
-def test_plain_prompt_without_chat_template_and_targets():
-    _, tok = build_causal_lm_backbone(tiny_backbone())
-    assert tok.chat_template is None  # the byte tokenizer: documented plain layout
-    parts = prompt_parts(tok, "Give the DRG.")
-    (prompt,) = build_prompts(tok, ["x" * 100], parts, max_note_tokens=8, truncation="head")
-    text = tok.decode(prompt, skip_special_tokens=True)
-    assert text == "### Instruction\nGive the DRG.\n\n### Hospital course\nxxxxxxxx\n\n### Response\n"
-    assert prompt[0] == tok.bos_token_id
-    target = target_text(291, "v43", "I50.9 is the principal diagnosis.")
-    assert parse_answer(target).drg == 291 and parse_answer(target).format_ok
-    assert parse_answer(target_text(871, "v43", None)).format_ok  # answer-only: an empty think block
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# shared prefill
-
-
-def test_shared_prefill_matches_per_sample_prefill():
-    torch.manual_seed(0)
-    model, tok = build_causal_lm_backbone(tiny_backbone(lora_dropout=0.0))
-    model.eval()
-    prompts = [list(b"note one, longer<"), list(b"two<")]  # different lengths: left padding
-    ids, mask = left_pad(prompts, tok.pad_token_id)
-    g = 3
-    out = sample_completions(model, ids, mask, g, 6, 0.7, tok.eos_token_id, tok.pad_token_id)
-    # the first token's distribution from one prefill per prompt == from G separate prefills of each prompt
-    with torch.no_grad():
-        rep_ids, rep_mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)
-        pos = (rep_mask.cumsum(-1) - 1).clamp(min=0)
-        per_sample = model(input_ids=rep_ids, attention_mask=rep_mask, position_ids=pos).logits[:, -1]
-    torch.testing.assert_close(out["first_logits"].softmax(-1), per_sample.float().softmax(-1))
-    # the expanded cache keeps decoding right: greedy from the shared prefill == greedy on each unpadded prompt
-    shared = sample_completions(model, ids, mask, g, 8, 0.0, tok.eos_token_id, tok.pad_token_id)["completion_ids"]
-    for i, prompt in enumerate(prompts):
-        alone_ids, alone_mask = left_pad([prompt], tok.pad_token_id)
-        alone = sample_completions(model, alone_ids, alone_mask, 1, 8, 0.0, tok.eos_token_id, tok.pad_token_id)
-        for j in range(g):
-            assert shared[i * g + j].tolist() == alone["completion_ids"][0].tolist()
-    # the loss scores sampled tokens exactly as the sampler saw them (positions and masks agree)
-    logps = full_forward_log_probs(
-        model, rep_ids, rep_mask, out["completion_ids"], out["completion_mask"], temperature=0.7
-    )  # [B*G, C]
-    first = (out["first_logits"] / 0.7).log_softmax(-1).gather(1, out["completion_ids"][:, :1]).squeeze(1)
-    torch.testing.assert_close(logps[:, 0], first, atol=1e-5, rtol=1e-5)
+# group log-probs: each prompt prefilled once
 
 
 def test_group_log_probs_equal_per_sample_forwards_in_value_and_gradient():
@@ -172,112 +73,6 @@ def test_group_log_probs_equal_per_sample_forwards_in_value_and_gradient():
         group_log_probs(model, ids[:1].repeat(4, 1), mask[:1].repeat(4, 1), comp, comp_mask, 1.0)
 
 
-def test_sampling_stops_at_the_closing_answer_tag():
-    torch.manual_seed(0)
-    model, tok = build_causal_lm_backbone(tiny_backbone())
-    ids, mask = left_pad([list(b"a note<")], tok.pad_token_id)
-    closing = tok("</answer>", add_special_tokens=False)["input_ids"]
-    # a model that can only write "</answer>" then "x" forever: the completion must end at the tag
-    (x,) = tok("x", add_special_tokens=False)["input_ids"]
-    script = closing + [x] * 20
-
-    class Scripted(torch.nn.Module):
-        def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None, **kw):
-            step = 0 if past_key_values is None else past_key_values.step + 1
-            cache = past_key_values or _StepCache()
-            cache.step = step
-            logits = torch.full((input_ids.shape[0], 1, 300), -1e9)
-            logits[:, :, script[step]] = 0.0
-            return type("Out", (), {"logits": logits, "past_key_values": cache})()
-
-    stop = answer_stop(tok)
-    for check_every in (1, 3, 8):  # the host looks every few tokens; the completion still ends at the tag
-        out = sample_completions(
-            Scripted(), ids, mask, 2, 16, 1.0, tok.eos_token_id, tok.pad_token_id, stop=stop, check_every=check_every
-        )
-        assert out["completion_ids"].shape[1] == len(closing)
-        assert tok.decode(out["completion_ids"][0].tolist()) == "</answer>"
-        assert out["completion_mask"].all() and not out["truncated"].any()
-    unstopped = sample_completions(Scripted(), ids, mask, 2, 16, 1.0, tok.eos_token_id, tok.pad_token_id)
-    assert unstopped["completion_ids"].shape[1] == 16 and unstopped["truncated"].all()
-    # first_close: the length of the shortest prefix that closes the tag, 0 where none does
-    assert stop.first_close(torch.tensor([closing + [x, x], [x] * (len(closing) + 2)])).tolist() == [len(closing), 0]
-    spaced = tok("</ ANSWER >", add_special_tokens=False)["input_ids"]
-    assert stop.first_close(torch.tensor([[x] * 5 + spaced])).tolist() == [5 + len(spaced)]  # as tolerant as the parser
-
-
-class _RowScript(torch.nn.Module):
-    """A 'model' whose row r writes script[r] token by token (one-hot logits), whatever it is fed; NaN on request."""
-
-    def __init__(self, scripts: list[list[int]], vocab: int = 300, nan_at: int | None = None):
-        super().__init__()
-        self.scripts, self.vocab, self.nan_at = scripts, vocab, nan_at
-
-    def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None, **kw):
-        step = 0 if past_key_values is None else past_key_values.step + 1
-        cache = past_key_values or _StepCache()
-        cache.step = step
-        logits = torch.full((input_ids.shape[0], 1, self.vocab), -1e9)
-        for r in range(input_ids.shape[0]):
-            logits[r, 0, self.scripts[r % len(self.scripts)][step]] = 0.0
-        if step == self.nan_at:
-            logits[1, 0, 7] = float("nan")
-        return type("Out", (), {"logits": logits, "past_key_values": cache})()
-
-
-def test_checking_every_few_tokens_gives_the_same_completions_as_every_token():
-    torch.manual_seed(0)
-    model, tok = build_causal_lm_backbone(tiny_backbone(lora_dropout=0.0))
-    model.eval()
-    ids, mask = left_pad([list(b"note one, longer<"), list(b"two<")], tok.pad_token_id)
-
-    def sample(check_every: int, seed: int = 3) -> dict[str, torch.Tensor]:
-        rng = torch.Generator().manual_seed(seed)
-        eos, pad = tok.eos_token_id, tok.pad_token_id
-        return sample_completions(model, ids, mask, 4, 12, 1.0, eos, pad, rng, check_every=check_every)
-
-    reference = sample(1)
-    for check_every in (2, 5, 12):
-        for key in ("completion_ids", "completion_mask", "truncated"):
-            assert torch.equal(sample(check_every)[key], reference[key]), (check_every, key)
-    # rows ending at different tokens, by eos or by the tag, each cut at its own token
-    closing = tok("</answer>", add_special_tokens=False)["input_ids"]
-    (x,) = tok("x", add_special_tokens=False)["input_ids"]
-    eos = tok.eos_token_id
-    scripts = [[x] * 3 + closing + [x] * 20, [x, eos] + [x] * 30, [x] * 30, [x] * 9 + closing + [x] * 20]
-    outs = [
-        sample_completions(
-            _RowScript(scripts), ids[:1], mask[:1], 4, 20, 1.0, eos, 0, stop=answer_stop(tok), check_every=k
-        )
-        for k in (1, 4, 7)
-    ]
-    lengths = outs[0]["completion_mask"].sum(1).tolist()
-    assert lengths == [3 + len(closing), 2, 20, 9 + len(closing)]
-    assert outs[0]["truncated"].tolist() == [False, False, True, False]
-    for out in outs[1:]:
-        assert all(torch.equal(out[k], outs[0][k]) for k in ("completion_ids", "completion_mask", "truncated"))
-
-
-def test_non_finite_logits_stop_sampling_with_a_clear_error():
-    # Without the check, NaN reaches torch.multinomial: a RuntimeError on a CPU, a device-side assert that poisons
-    # the whole process on a GPU.
-    from drg_llama.models.reasoner import NonFiniteLogitsError
-
-    ids, mask = left_pad([[5, 6, 7]], 0)
-    for temperature in (1.0, 0.0):
-        with pytest.raises(NonFiniteLogitsError, match="NaN or infinite logits at completion token"):
-            sample_completions(_RowScript([[9] * 20], nan_at=2), ids, mask, 2, 16, temperature, 1, 0, check_every=4)
-
-
-class _StepCache:
-    def batch_repeat_interleave(self, repeats):
-        pass
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# one GRPO step
-
-
 def test_group_log_probs_under_gradient_checkpointing_equal_the_shared_prefill():
     # transformers drops the KV cache inside checkpointed layers in training mode; the shared prefill then had no
     # cache to repeat (AttributeError on None) and every 7B config, which checkpoints, crashed at GRPO step 1.
@@ -307,22 +102,25 @@ def test_group_log_probs_under_gradient_checkpointing_equal_the_shared_prefill()
         torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# one GRPO step
+
+
 def test_grpo_step_with_gradient_checkpointing(cache):
-    model = tiny_grpo_reasoner(
+    model, data = tiny_grpo_reasoner(
         backbone=tiny_backbone(lora_dropout=0.0, gradient_checkpointing=True),
         batch_size=2,
-        num_generations=2,
-        max_new_tokens=4,
-        micro_batch_size=4,
+        generation=GenerationConfig(max_new_tokens=4),
+        # the reference log-probs (beta > 0) run under no_grad in training mode: also without a cache
+        grpo=GRPOConfig(num_generations=2, micro_batch_size=4, beta=0.04),
         learning_rate=0.05,
-        beta=0.04,  # the reference log-probs run under no_grad in training mode: also without a cache
     )
     model.rewards = [_length_reward] * len(model.rewards)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     trainer = L.Trainer(
         max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
-    trainer.fit(model)
+    trainer.fit(model, datamodule=data)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
 
 
@@ -331,37 +129,40 @@ def _length_reward(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-def tiny_grpo_reasoner(backbone: BackboneConfig | None = None, **settings) -> DRGReasoner:
-    """A GRPO-stage reasoner on the tiny random LLaMA with a one-line instruction, attached to 8/4 synthetic rows."""
+def tiny_grpo_reasoner(
+    backbone: BackboneConfig | None = None, batch_size: int = 8, **settings
+) -> tuple[DRGReasoner, ReasonerDataModule]:
+    """A GRPO-stage reasoner on the tiny random LLaMA, and 8/4 synthetic rows with a one-line instruction."""
     L.seed_everything(0)
-    data = DRGDataModule(variant="single_label", tokenizer=None, synthetic_n=300, limit_train=8, limit_val=4)
-    model = DRGReasoner(
-        backbone=backbone or tiny_backbone(lora_dropout=0.0),
-        label_space=data.label_space,
-        stage="grpo",
+    data = ReasonerDataModule(
+        synthetic_n=300,
+        limit_train=8,
+        limit_val=4,
         instruction="Give the DRG.",
         max_note_tokens=32,
-        **settings,
+        batch_size=batch_size,
     )
-    model.attach_data(data)
-    return model
+    model = DRGReasoner(
+        backbone=backbone or tiny_backbone(lora_dropout=0.0), label_space=data.label_space, stage="grpo", **settings
+    )
+    data.set_tokenizer(model.tokenizer)
+    return model, data
 
 
 def test_one_grpo_step_changes_lora_and_not_base_weights(cache):
-    model = tiny_grpo_reasoner(
+    model, data = tiny_grpo_reasoner(
         batch_size=4,
-        num_generations=4,
-        max_new_tokens=6,
-        micro_batch_size=6,  # 16 completions in micro-batches of 6, 6, 4
+        generation=GenerationConfig(max_new_tokens=6),
+        grpo=GRPOConfig(num_generations=4, micro_batch_size=6),  # 16 completions in micro-batches of 6, 6, 4
         learning_rate=0.05,
-        reward_funcs=["format"],
+        rewards=RewardConfig(functions=("format",), weights=None),
     )
     model.rewards = [_length_reward]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = L.Trainer(
         max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
-    trainer.fit(model)
+    trainer.fit(model, datamodule=data)
     lora_changed = [n for n, p in model.named_parameters() if "lora_" in n and not torch.equal(p, before[n])]
     base_changed = [n for n, p in model.named_parameters() if "lora_" not in n and not torch.equal(p, before[n])]
     assert lora_changed and not base_changed
@@ -383,7 +184,7 @@ def runs(cache, tmp_path_factory):
         grpo = main(
             [
                 *("--variant", "grpo", "--config", TINY_CONFIG, "--model.init_adapter", str(sft_dir)),
-                *("--model.beta", "0.1", "--model.val_samples", "2"),
+                *("--model.grpo.beta", "0.1", "--model.generation.val_samples", "2"),
             ]
         )
     finally:
@@ -430,13 +231,13 @@ def test_train_reasoner_writes_every_artifact(runs, variant):
 
 def test_validation_samples_repeat_the_same_draws_at_every_check(cache):
     # val/reward_sampled compares checks: with an unchanged policy, every check must sample the very same answers.
-    model = tiny_grpo_reasoner(max_new_tokens=8, val_samples=3)
+    model, data = tiny_grpo_reasoner(generation=GenerationConfig(max_new_tokens=8, val_samples=3))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     draws = []
     for _ in range(2):
-        trainer.validate(model, verbose=False)
+        trainer.validate(model, datamodule=data, verbose=False)
         draws.append([row["sampled"] for row in model.last_eval["rows"]])
-        batch = next(iter(model.val_dataloader()))
+        batch = next(iter(data.val_dataloader()))
         model.generate(batch["prompt_ids"], batch["prompt_mask"], samples=3)  # the training sampler's RNG moves
     assert len(draws[0]) == 4 and all(len(s) == 3 for s in draws[0])
     assert draws[0] == draws[1]
@@ -468,6 +269,18 @@ def test_evaluate_and_predict_reasoner_runs(runs, tmp_path):
     assert "reasoning" in with_reasoning.columns
 
 
+def test_a_reasoner_run_from_before_the_grouped_settings_is_named(runs, tmp_path):
+    """Its prompt settings sat in the model section: rebuilt now, it would prompt and answer differently."""
+    run_dir = Path(shutil.copytree(runs["sft"][0], tmp_path / "old"))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    settings = config["model"]["init_args"]
+    old = {k: v for k, v in settings.items() if k not in ("generation", "grpo", "rewards")}
+    config["model"] = {**old, "max_note_tokens": 48, "max_new_tokens": 16}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(RunError, match="written before the reasoner's settings were grouped"):
+        Run.open(run_dir)
+
+
 def test_grpo_run_carries_its_sft_adapter(runs, tmp_path):
     """The SFT adapter merged into a GRPO run's base travels in the run (init_adapter/): a copy of the run predicts
     the same answers with the SFT run gone."""
@@ -485,6 +298,74 @@ def test_grpo_run_carries_its_sft_adapter(runs, tmp_path):
     finally:
         hidden.rename(sft_dir)
     pd.testing.assert_frame_equal(before, after)
+
+
+@pytest.mark.parametrize("variant", ["sft", "grpo"])
+def test_cli_resume_continues_the_same_run_folder(runs, variant, tmp_path, monkeypatch, capsys):
+    """``--ckpt_path last`` as for the classifier: the same run folder, its metrics.csv rows kept, two more steps."""
+    work = Path(shutil.copytree(runs["sft"][0].parent.parent.parent, tmp_path / "work"))
+    monkeypatch.chdir(work)
+    run_dir = work / "runs" / variant / "version_0"
+    column = "train/loss" if variant == "sft" else "train/reward"
+    before = pd.read_csv(run_dir / "metrics.csv").dropna(subset=[column])
+    extra = ["--model.init_adapter", str(runs["sft"][0])] if variant == "grpo" else []
+    main(["--variant", variant, "--config", TINY_CONFIG, *extra, "--ckpt_path", "last", "--trainer.max_steps", "4"])
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]  # no new version
+    trained = pd.read_csv(run_dir / "metrics.csv").dropna(subset=[column])
+    assert len(before) == 2 and len(trained) == 4 and trained["step"].is_monotonic_increasing
+    pd.testing.assert_frame_equal(trained.iloc[:2][["step", column]], before[["step", column]])  # history kept
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    if variant == "grpo":  # its base holds the SFT adapter, which the checkpoint does not: resuming needs it
+        capsys.readouterr()
+        with pytest.raises(SystemExit, match="2"):
+            main(["--variant", "grpo", "--config", TINY_CONFIG, "--ckpt_path", "last", "--trainer.max_steps", "6"])
+        assert f"pass --model.init_adapter {runs['sft'][0]}" in capsys.readouterr().err
+
+
+class _Killed(RuntimeError):
+    """Stands for the process dying right after the checkpoint of a step was written."""
+
+
+def _sft_fit(folder: Path, kill_at: int | None = None, ckpt_path: str | None = None) -> DRGReasoner:
+    """Four SFT steps of the tiny reasoner on 16 rows (one epoch), a checkpoint after every step."""
+    L.seed_everything(0)
+    settings_of_data = {"instruction": "Give the DRG.", "max_note_tokens": 32, "batch_size": 4}
+    data = ReasonerDataModule(synthetic_n=300, limit_train=16, limit_val=4, **settings_of_data)
+    model = DRGReasoner(backbone=tiny_backbone(lora_dropout=0.0), label_space=data.label_space, learning_rate=0.05)
+    data.set_tokenizer(model.tokenizer)
+
+    class KillAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == kill_at:
+                raise _Killed(f"killed at step {kill_at}")
+
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_last=True)
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[checkpoint, KillAt()],
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    return model
+
+
+def test_a_killed_sft_run_resumes_on_the_batches_it_had_not_trained(cache, tmp_path):
+    """Killed mid-epoch and resumed, SFT ends with the weights of an uninterrupted run: the data module's sampler
+    leaves out the batches trained before the kill, as the classifier's does (teacher forcing draws nothing)."""
+    whole = _sft_fit(tmp_path / "whole")
+    with pytest.raises(_Killed):
+        _sft_fit(tmp_path / "killed", kill_at=3)
+    assert torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed = _sft_fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "last.ckpt"))
+    trained = {n: p for n, p in whole.named_parameters() if p.requires_grad}
+    assert trained
+    for name, param in resumed.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, trained[name], msg=f"{name} differs after resume")
 
 
 def test_answer_diversity_shows_mode_collapse():
@@ -572,29 +453,3 @@ def test_advantages_logprobs_and_loss_gradient_match_trl(tmp_path):
     assert trl_grads and any(g.abs().max() > 0 for g in trl_grads.values())
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, trl_grads[name], atol=1e-6, rtol=1e-4, msg=name)
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_static_cache_decoding_equals_the_dynamic_cache(arch):
-    """The preallocated cache and 4-D mask (what a CUDA graph replays on a GPU) sample what the dynamic cache does."""
-    torch.manual_seed(0)
-    model, tok = build_causal_lm_backbone(
-        tiny_backbone(lora_dropout=0.0)
-        if arch == "llama"
-        else BackboneConfig(
-            random_init={**TINY, "model_type": "qwen2"}, tokenizer="byte", lora_r=4, lora_alpha=8, lora_dropout=0.0
-        )
-    )
-    model.eval()
-    ids, mask = left_pad([list(b"note one, longer<"), list(b"two<")], tok.pad_token_id)  # left padding: masked keys
-
-    def sample(kv_cache: str, temperature: float) -> dict[str, torch.Tensor]:
-        rng = torch.Generator().manual_seed(5)
-        eos, pad = tok.eos_token_id, tok.pad_token_id
-        return sample_completions(model, ids, mask, 3, 10, temperature, eos, pad, rng, kv_cache=kv_cache)
-
-    for temperature in (0.0, 1.0):
-        dynamic, static = sample("dynamic", temperature), sample("static", temperature)
-        assert torch.equal(dynamic["completion_ids"], static["completion_ids"]), temperature
-        assert torch.equal(dynamic["completion_mask"], static["completion_mask"])
-    assert torch.equal(sample("auto", 1.0)["completion_ids"], dynamic["completion_ids"])  # auto on a CPU: dynamic

@@ -2,16 +2,13 @@
 
 import pytest
 
+from drg_llama.drg.answers import ParsedAnswer, completion_text, format_answer, parse_answer
 from drg_llama.models.rewards import (
     REWARD_FUNCTIONS,
-    ParsedAnswer,
-    completion_text,
     exact_drg_reward,
-    format_answer,
     format_reward,
     invalid_drg_penalty,
     majority_vote,
-    parse_answer,
     partial_drg_reward,
     score_answers,
 )

@@ -3,18 +3,21 @@
 The synthetic corpus is built once per session into a temporary DRG_LLAMA_CACHE and shared by these tests.
 """
 
+import inspect
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import lightning as L
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from drg_llama.data.datamodule import DRGDataModule
 from drg_llama.errors import UserError
@@ -23,7 +26,15 @@ from drg_llama.models.backbone import BackboneConfig
 from drg_llama.models.classifier import DRGClassifier
 from drg_llama.predict import InputError, predict_file
 from drg_llama.runs import Run
-from drg_llama.train import CONFIG_DIR, DRGLightningCLI, main, shipped_config
+from drg_llama.train import (
+    CONFIG_DIR,
+    VARIANTS,
+    DRGLightningCLI,
+    main,
+    nested_nulls,
+    shipped_config,
+    variant_args,
+)
 from tests.test_datamodule import rewrite_split
 from tests.tiny import TINY_LLAMA
 
@@ -118,27 +129,84 @@ def test_every_shipped_config_parses(config, capsys):
     path = CONFIG_DIR / config
     first = path.read_text().splitlines()[0]
     assert first.startswith("# python -m drg_llama."), f"{config} must open with the command that runs it"
-    reasoner = next((v for v in ("sft", "grpo") if f"--variant {v}" in first), None)
-    if reasoner:  # generative variants: parsed by the reasoner's CLI over configs/<variant>.yaml
-        from drg_llama.models.reasoner import DRGReasoner
-        from drg_llama.train_reasoner import ReasonerCLI
-
-        cli, model, base = ReasonerCLI, DRGReasoner, CONFIG_DIR / f"{reasoner}.yaml"
-    else:
-        cli, model = DRGLightningCLI, DRGClassifier
-        base = CONFIG_DIR / ("single_label.yaml" if "single_label" in first else "two_label.yaml")
-    args = ["--config", str(base)] + ([] if path == base else ["--config", str(path)]) + ["--print_config"]
+    variant = next((v for v in VARIANTS if f"--variant {v}" in first), "two_label")
+    overlay = [] if path == CONFIG_DIR / f"{variant}.yaml" else ["--config", str(path)]
+    _, args = variant_args(["--variant", variant, *overlay, "--print_config"])
     with pytest.raises(SystemExit) as exit_:
-        cli(model, DRGDataModule, run=False, args=args)
+        DRGLightningCLI(args)
     assert exit_.value.code in (0, None)
-    assert "backbone:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "backbone:" in printed and "class_path: drg_llama." in printed
 
 
-def test_cli_errors_are_one_sentence():
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _defaults(cls) -> dict:
+    params = inspect.signature(cls.__init__).parameters.values()
+    return _flat({p.name: asdict(p.default) if is_dataclass(p.default) else p.default for p in params})
+
+
+@pytest.mark.parametrize("variant", ["sft", "grpo"])
+def test_the_reasoner_defaults_are_the_shipped_configs(variant):
+    """DRGReasoner() and ReasonerDataModule() train what configs/sft.yaml and grpo.yaml ship; a YAML value that
+    differs from its default says so on its line. Backbone, data size, limits and the MS-DRG version are the demo's."""
+    from drg_llama.data.reasoner import ReasonerDataModule
+    from drg_llama.models.reasoner import DRGReasoner
+
+    text = (CONFIG_DIR / f"{variant}.yaml").read_text()
+    config = yaml.safe_load(text)
+    sizing = {"backbone", "data_dir", "synthetic_n", "limit_train", "limit_val", "limit_test", "drg_version"}
+    differing = set()
+    for section, cls in (("model", DRGReasoner), ("data", ReasonerDataModule)):
+        assert config[section]["class_path"] == f"{cls.__module__}.{cls.__name__}"
+        defaults = _defaults(cls)
+        for key, value in _flat(config[section]["init_args"]).items():
+            if key.split(".")[0] not in sizing and value != defaults[key]:
+                differing.add(key.split(".")[-1])
+    marked = {line.split(":")[0].strip() for line in text.splitlines() if "# not the default" in line}
+    assert differing == marked
+
+
+def test_cli_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="unknown variant 'three_label'"):
         main(["--variant", "three_label"])
     with pytest.raises(SystemExit, match="unknown variant 'dpo'"):
         main(["--variant", "dpo"])
+    monkeypatch.chdir(tmp_path)  # no runs here
+    with pytest.raises(SystemExit) as exit_:
+        main(["--variant", "sft", "--ckpt_path", "last"])
+    err = capsys.readouterr().err
+    expected = f"error: --ckpt_path last found no last.ckpt under {Path('runs/sft')}; start a fresh run instead\n"
+    assert exit_.value.code == 2 and err == expected
+
+
+def test_settings_a_recipe_does_not_read_are_refused(capsys):
+    """The classifier's tokenisation settings do not exist for the reasoner (they used to be accepted and ignored)."""
+    for option in ("--data.max_length", "--data.packing"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--variant", "sft", option, "64"])
+        assert exit_.value.code == 2
+        assert f"'{option.removeprefix('--data.')}' is not accepted" in capsys.readouterr().err
+
+
+def test_a_null_inside_a_settings_group_is_none(capsys):
+    """``--model.backbone.tokenizer null`` sets None (jsonargparse, under class_path, would pass the string "None")."""
+    given = ["--model.backbone.tokenizer", "null", "--model.backbone.quantization=null", "--x", "null"]
+    expected = ["--model.backbone", '{"tokenizer": null}', "--model.backbone", '{"quantization": null}', "--x", "null"]
+    assert nested_nulls(given) == expected
+    _, args = variant_args(["--variant", "two_label", "--config", TINY, "--model.backbone.tokenizer", "null"])
+    with pytest.raises(SystemExit):
+        DRGLightningCLI([*args, "--model.backbone.lora_r", "2", "--print_config"])
+    backbone = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["backbone"]
+    assert backbone["tokenizer"] is None and backbone["lora_r"] == 2 and backbone["name_or_path"] == "random"
 
 
 def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
@@ -360,6 +428,24 @@ def test_cli_resume_continues_the_same_run_directory(runs, tmp_path):
     assert set(trained["epoch"]) == {0, 1}  # the first epoch's rows survive, the second epoch's are appended
     assert trained["step"].is_monotonic_increasing
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
+def test_a_resumed_sweep_point_keeps_its_metrics_history(cache, tmp_path):
+    """A sweep point stopped after its last checkpoint resumes into its own folder, whose metrics.csv keeps the rows
+    of the steps before the resume (a sweep point's folder is not named version_N)."""
+    from drg_llama.sweep import parse_grid, run_sweep
+
+    grid, out = parse_grid(["data.max_length=32"]), tmp_path / "sweep"
+    run_sweep("two_label", grid, ["--config", TINY, "--run_baseline", "false"], out)
+    point = out / "data.max_length-32"
+    first = pd.read_csv(point / "metrics.csv").dropna(subset=["train/loss"])
+    (point / "test_metrics.json").unlink()  # stopped after its last checkpoint, before the test
+    run_sweep("two_label", grid, ["--config", TINY, "--run_baseline", "false", "--trainer.max_epochs", "2"], out)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [point.name]
+    trained = pd.read_csv(point / "metrics.csv").dropna(subset=["train/loss"])
+    assert set(trained["epoch"]) == {0, 1} and trained["step"].is_monotonic_increasing
+    pd.testing.assert_frame_equal(trained[trained["epoch"] == 0][["step", "train/loss"]], first[["step", "train/loss"]])
+    assert json.loads((point / "sweep_point.json").read_text())["resumed"]
 
 
 def test_qlora_cli_trains_a_local_pretrained_folder_with_packing(cache, tmp_path, monkeypatch):

@@ -3,62 +3,47 @@
     python -m drg_llama.train --variant sft                                           # CPU demo on the embedded data
     python -m drg_llama.train --variant grpo --model.init_adapter runs/sft/version_0  # starts from the SFT adapter
 
-Output format (parsed in ``rewards.py``)::
-
-    <think>The principal diagnosis is … is an MCC … gives DRG 291.</think><answer>DRG 291: Heart Failure …</answer>
-
-**Prompt.** The tokenizer's chat template renders a fixed system instruction (what MS-DRG, CC and MCC mean and the
-output format) and the hospital course. The note alone is truncated to ``max_note_tokens`` (head, tail or head and
-tail); the instruction never is. The template is rendered once around a placeholder and the note's ids are spliced
-in, so truncation happens on token ids. A tokenizer without a chat template (the byte tokenizer of tests) uses
-``PLAIN_TEMPLATE``.
+It trains on the batches of ``drg_llama.data.reasoner.ReasonerDataModule`` (prompts and SFT targets) and writes
+``<think>…</think><answer>DRG NNN: TITLE</answer>`` (the format and its parser: ``drg.answers``; the rewards:
+``rewards``).
 
 **SFT** (``stage="sft"``): cross-entropy on the completion tokens only (prompt and padding are labelled -100).
-Targets are grounded rationales built from the admission's codes and the grouper's output
-(``drg_llama.data.rationales``), or answer-only (``<think></think><answer>…</answer>``) with ``rationale="answer_only"``
-or where an admission has no usable codes.
 
 **GRPO** (``stage="grpo"``, manual optimisation), per training step with B prompts:
 
-1. Sample G completions per prompt with ``sample_completions``: the prompt's prefill runs ONCE per prompt and its
-   KV cache is repeated G times (``DynamicCache.batch_repeat_interleave``), not G prefills.
-2. Score them with the reward functions (TRL signature) -> rewards [B*G, F]; weighted sum -> [B*G].
-3. ``group_advantages``: (r - group mean) / (group std + 1e-4), or no std scaling (Dr. GRPO), or batch std;
-   a zero-variance group gets advantage 0.
-4. ``clipped_token_loss``: PPO-style clipped ratio per token with log-probs at the sampling temperature, optional
-   k3 KL to a reference, summed over tokens and divided by the number of completion tokens of the WHOLE generation
-   batch, so micro-batches add up to the full-batch gradient (TRL's ``loss_type="dapo"``).
-5. One optimizer step per generation batch (``grpo_iterations`` > 1 reuses the samples for more steps; then the
-   old log-probs are computed once before the first step and the clip matters).
+1. Sample G completions per prompt (``generation.sample_completions``: one shared prefill per prompt).
+2. Score them with the reward functions and turn the rewards into group advantages (``grpo``).
+3. Minimise the clipped token loss (``grpo.clipped_token_loss``) over micro-batches of whole groups, with the
+   completions' log-probs from ``grpo.group_log_probs`` (each prompt prefilled once, with gradient).
+4. One optimizer step per generation batch (``grpo.iterations`` > 1 reuses the samples for more steps; then the old
+   log-probs are computed once before the first step and the clip matters).
 
 **KL reference.** With ``init_adapter_mode="merge"`` (default) the SFT adapter is merged into the base weights and
 GRPO trains a fresh LoRA on top, so the reference (the SFT policy) is the same model with the adapter disabled: no
 second copy. With ``"continue"`` GRPO keeps training the SFT adapter itself, so a frozen copy of the SFT model is kept
 as the reference (twice the memory), only when ``beta > 0``.
 
-The GRPO math is plain functions here, tested on literal tensors in ``tests/test_grpo_math.py`` and cross-checked
-against ``trl.GRPOTrainer`` in ``tests/test_reasoner.py``.
+**Settings** come in three groups besides the backbone and the optimiser: ``generation`` (completion budget and the
+samples drawn at evaluation), ``grpo`` (the RL step) and ``rewards`` (functions and weights, also reported by SFT
+evaluation). Their defaults are those of ``configs/grpo.yaml``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
-from drg_llama.data.tokenization import truncate_ids
-from drg_llama.drg import LabelSpace, resolve_version
+from drg_llama.drg import LabelSpace
+from drg_llama.drg.answers import ParsedAnswer, parse_answer
+from drg_llama.errors import UserError
 from drg_llama.metrics import f1_scores, score_predictions
 from drg_llama.models.backbone import (
     BackboneConfig,
@@ -69,29 +54,20 @@ from drg_llama.models.backbone import (
     keep_trainable_tensors,
     save_adapter,
 )
-from drg_llama.models.rewards import (
-    REWARD_FUNCTIONS,
-    ParsedAnswer,
-    answer_closed,
-    format_answer,
-    parse_answer,
-    score_answers,
+from drg_llama.models.generation import answer_stop, positions, sample_completions
+from drg_llama.models.grpo import (
+    SCALE_REWARDS,
+    answer_diversity,
+    clipped_token_loss,
+    combine_rewards,
+    group_advantages,
+    group_log_probs,
+    nanstd,
+    reward_table,
 )
+from drg_llama.models.rewards import REWARD_FUNCTIONS, score_answers
 
-logger = logging.getLogger(__name__)
-
-INSTRUCTION = (
-    "You assign the Medicare MS-DRG ({version}) of a hospital stay from its brief hospital course. "
-    "The principal diagnosis sets the major diagnostic category (MDC) and the base DRG; an operating-room procedure "
-    "makes the DRG surgical. Secondary diagnoses set the severity: a CC is a complication or comorbidity, an MCC a "
-    "major one, and a CC or MCC does not count when the principal diagnosis excludes it (CC exclusions). Reason "
-    "step by step inside <think></think>, then answer as <answer>DRG NNN: TITLE</answer>."
-)
-#: Prompt layout for tokenizers without a chat template (the byte tokenizer of tests).
-PLAIN_TEMPLATE = "### Instruction\n{instruction}\n\n### Hospital course\n{note}\n\n### Response\n"
-_NOTE = "\x00NOTE\x00"  # placeholder the template is rendered around; never appears in a note
-SCALE_REWARDS = ("group", "batch", "none")
-#: The test metrics logged to metrics.csv and printed at the end of a run (metrics.json holds them all).
+#: The test metrics logged to metrics.csv (test_metrics.json holds them all).
 SUMMARY_METRICS = (
     "top1",
     "format_valid",
@@ -103,7 +79,7 @@ SUMMARY_METRICS = (
     "top_answer_share",
 )
 #: The metrics of each validation check (the same fixed notes every time), logged as ``val/<key>``: of greedy
-#: answers, and ``reward_sampled`` only with ``val_samples``.
+#: answers, and ``reward_sampled`` only with ``generation.val_samples``.
 VAL_METRICS = (
     "reward_greedy",
     "reward_sampled",
@@ -117,557 +93,109 @@ VAL_METRICS = (
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompts
+# Settings
 
 
-def prompt_parts(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
-    """Token ids before and after the note: the rendered chat template (or ``PLAIN_TEMPLATE``) split at the note.
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How completions are generated, in training and evaluation."""
 
-    Args:
-        tokenizer: Any HF tokenizer; its ``chat_template`` is used when set.
-        instruction: The system instruction (kept whole).
+    max_new_tokens: int = 48
+    """Completion budget in training and evaluation (sampling also stops at </answer>)."""
+    eval_samples: int = 4
+    """Answers sampled per test note besides the greedy one, for Pass@1 sampled, Maj@k and Pass@k (0: greedy only)."""
+    eval_temperature: float = 0.7
+    """Temperature of those samples."""
+    val_samples: int = 4
+    """Completions sampled per validation note at grpo.temperature, the same draws at every check, for
+    val/reward_sampled: the reward GRPO maximises, on notes it never trains on (0: greedy only)."""
 
-    Returns:
-        ``(prefix_ids, suffix_ids)``; a prompt is ``prefix + note_ids + suffix`` and ends where the answer starts.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        messages = [
-            {"role": "system", "content": instruction},
-            {"role": "user", "content": f"Hospital course:\n{_NOTE}"},
-        ]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        bos: list[int] = []  # the template writes its own special tokens
-    else:
-        text = PLAIN_TEMPLATE.format(instruction=instruction, note=_NOTE)
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    before, after = text.split(_NOTE)
-    encode = tokenizer(add_special_tokens=False, text=[before, after])["input_ids"]
-    return bos + list(encode[0]), list(encode[1])
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.eval_samples < 0 or self.val_samples < 0:
+            raise UserError("generation.eval_samples and generation.val_samples must be >= 0 (0: greedy only)")
+        if not self.eval_temperature > 0:
+            raise UserError(f"generation.eval_temperature must be > 0, got {self.eval_temperature}")
 
 
-def build_prompts(
-    tokenizer, texts: Sequence[str], parts: tuple[list[int], list[int]], max_note_tokens: int, truncation: str
-) -> list[list[int]]:
-    """Prompt ids per note: the note's ids truncated to ``max_note_tokens`` between the template parts."""
-    notes = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    return [parts[0] + truncate_ids(ids, max_note_tokens, truncation) + parts[1] for ids in notes]
+@dataclass(frozen=True)
+class GRPOConfig:
+    """One GRPO step: G samples per prompt, group advantages, the clipped loss and its optimizer step(s)."""
+
+    num_generations: int = 8
+    """G completions sampled per prompt (>= 2: advantages are relative to the group)."""
+    temperature: float = 0.7
+    """Sampling temperature, also of the loss's log-probs (tokens are scored as they were drawn)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group's reward std (GRPO), the batch's, or not at all (Dr. GRPO)."""
+    epsilon_low: float = 0.2
+    """Lower clip of the probability ratio."""
+    epsilon_high: float | None = 0.28
+    """Upper clip (None: epsilon_low); a larger one is DAPO's clip-higher."""
+    beta: float = 0.04
+    """KL coefficient to the reference (SFT) policy; 0 skips the reference forward."""
+    iterations: int = 1
+    """Optimizer steps per generation batch; > 1 reuses the samples and makes the clip active."""
+    micro_batch_size: int = 32
+    """Completions per forward/backward of the loss, rounded down to whole groups (at least one prompt x G)."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clip of each step (0 disables)."""
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise UserError("grpo.num_generations must be >= 2: GRPO's advantages are relative to the group")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise UserError(f"grpo.scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
+        if not self.temperature > 0:
+            raise UserError(f"grpo.temperature must be > 0, got {self.temperature}")
+        if self.iterations < 1 or self.micro_batch_size < 1:
+            raise UserError("grpo.iterations and grpo.micro_batch_size must be >= 1")
+        if self.beta < 0 or self.epsilon_low < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise UserError("grpo.beta, grpo.epsilon_low and grpo.epsilon_high must be >= 0")
 
 
-def target_text(drg_code: int, version: str, rationale: str | None) -> str:
-    """SFT target: ``<think>rationale</think><answer>DRG NNN: TITLE</answer>`` (empty think when answer-only)."""
-    return f"<think>{rationale or ''}</think>{format_answer(drg_code, version)}"
+@dataclass(frozen=True)
+class RewardConfig:
+    """The rewards GRPO maximises; SFT and GRPO evaluation report the same (``reward_greedy``)."""
 
+    functions: tuple[str, ...] = ("format", "exact", "partial", "invalid")
+    """Names in rewards.REWARD_FUNCTIONS: format, exact, partial, invalid."""
+    weights: tuple[float, ...] | None = (0.2, 1.0, 0.5, 1.0)
+    """One weight per function (None: 1.0 each); the reward is their weighted sum."""
 
-# ----------------------------------------------------------------------------------------------------------------
-# Batching
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, P]`` ids and mask, left-padded so every prompt ends at the last column (where generation starts)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-def sft_batch(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompt + completion, labels -100 everywhere but the completion tokens.
-
-    Left padding puts every completion at the right edge, so the loss needs logits for the last
-    ``max completion length + 1`` positions only (``logits_to_keep``), not for the whole prompt: with a 49k
-    vocabulary the full-sequence logits would dominate the step's memory and time.
-    """
-    seqs = [list(r["prompt"]) + list(r["completion"]) for r in rows]
-    ids, mask = left_pad(seqs, pad_id)  # [B, T]
-    labels = torch.full_like(ids, -100)
-    for i, r in enumerate(rows):
-        n = len(r["completion"])
-        labels[i, ids.shape[1] - n :] = torch.as_tensor(list(r["completion"]))
-    width = max(len(r["completion"]) for r in rows)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "completion_width": torch.tensor(width)}
-
-
-def collate(rows: list[dict], pad_id: int) -> dict[str, Any]:
-    """Batch of examples: left-padded prompts (generation), the SFT tensors, and the label columns."""
-    prompt_ids, prompt_mask = left_pad([r["prompt"] for r in rows], pad_id)
-    batch: dict[str, Any] = {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": prompt_mask,
-        "drg_code": torch.tensor([r["drg_code"] for r in rows], dtype=torch.long),
-        "row": torch.tensor([r["row"] for r in rows], dtype=torch.long),
-    }
-    if all(r.get("completion") is not None for r in rows):
-        batch.update(sft_batch(rows, pad_id))
-    return batch
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Generation with one shared prefill per prompt
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token (left padding does not shift positions)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-#: Sampling checks on the host (stop tags, all rows done, non-finite logits) once per this many tokens: each check
-#: is a device-to-host sync, and the GPU runs ahead between them. A row's completion still ends at the exact token.
-CHECK_EVERY = 8
-
-
-class NonFiniteLogitsError(FloatingPointError):
-    """The model produced NaN or infinite logits while sampling."""
-
-
-@torch.no_grad()
-def sample_completions(
-    model: torch.nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    eos_token_id: int,
-    pad_token_id: int,
-    generator: torch.Generator | None = None,
-    stop: AnswerStop | None = None,
-    check_every: int = CHECK_EVERY,
-    kv_cache: KVCacheMode = "auto",
-) -> dict[str, torch.Tensor]:
-    """Sample ``num_samples`` completions per prompt, prefilling each prompt once.
-
-    The prompt's KV cache is computed for B rows and then repeated G times along the batch (row order
-    ``[p0 s0, p0 s1, …, p1 s0, …]``, as ``repeat_interleave``), so the prefill costs B forwards, not B*G.
-
-    The loop stays on the device: eos is detected on token ids, and the host looks at the rows only every
-    ``check_every`` tokens (stop tags, whether every row is done, non-finite logits). A row that ended between two
-    checks keeps being fed tokens until the next one; they are cut off, and since every row draws its own random
-    numbers the other rows are unaffected, so the result equals checking after every token (``check_every=1``).
-    Non-finite logits never reach ``torch.multinomial``: on a GPU that is a device-side assert that poisons the
-    process; here the row samples from a uniform stand-in and the next check raises ``NonFiniteLogitsError``.
-
-    Args:
-        model: Causal LM (PEFT-wrapped or plain), in eval mode (gradient checkpointing drops the KV cache in
-            training mode).
-        prompt_ids: ``[B, P]`` left-padded prompts.
-        prompt_mask: ``[B, P]``.
-        num_samples: G completions per prompt.
-        max_new_tokens: Completion budget; rows still running then are ``truncated``.
-        temperature: Sampling temperature; 0 means greedy.
-        eos_token_id: Ends a completion (kept as its last token).
-        pad_token_id: Written after a completion ended.
-        generator: Optional RNG for reproducible sampling.
-        stop: Optional ``AnswerStop``: rows end at the token that closes ``</answer>`` (nothing after it is read, so
-            sampling it only costs time and drifts).
-        check_every: Tokens between host checks (>= 1).
-        kv_cache: ``dynamic`` (transformers' growing cache), ``static`` (``StaticDecoder``: preallocated cache and
-            mask), ``graph`` (static, each decode step replayed as one CUDA graph), or ``auto``: ``graph`` on a CUDA
-            device, else ``dynamic``. A static setup or graph capture that fails falls back with a warning.
-
-    Returns:
-        ``completion_ids`` [B*G, C], ``completion_mask`` [B*G, C] (1 up to and including eos or the stop),
-        ``truncated`` [B*G] bool, ``first_logits`` [B*G, V] (the distribution of the first token, for tests);
-        C is the longest completion.
-    """
-    if check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every}")
-    g = num_samples
-    pos = positions(prompt_mask)  # [B, P]
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    if cache is None:
-        raise RuntimeError("the model returned no KV cache; sample in eval mode (gradient checkpointing drops it)")
-    cache.batch_repeat_interleave(g)  # [B, …] -> [B*G, …]: the shared prefill
-    logits = out.logits[:, -1].float().repeat_interleave(g, dim=0)  # [B*G, V]
-    first_logits = logits.clone()
-    n, p, device = logits.shape[0], prompt_mask.shape[1], logits.device
-    decoder = StaticDecoder.build(model, cache, prompt_mask.repeat_interleave(g, dim=0), max_new_tokens, kv_cache)
-    if decoder is not None:
-        out = cache = None  # the prompt's keys/values now live in the decoder's preallocated cache
-    not_ended = max_new_tokens + 1
-    mask = torch.ones((n, p + max_new_tokens), dtype=prompt_mask.dtype, device=device)  # [B*G, P+C], preallocated
-    mask[:, :p] = prompt_mask.repeat_interleave(g, dim=0)
-    tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # [B*G, C]
-    ended = torch.full((n,), not_ended, dtype=torch.long, device=device)  # [B*G] completion length once ended
-    non_finite = torch.zeros((), dtype=torch.bool, device=device)
-    last = pos[:, -1].repeat_interleave(g, dim=0)  # [B*G]
-    uniform = torch.full_like(logits[:1], 1.0 / logits.shape[-1])  # [1, V] stand-in for a non-finite row
-    checked = 0  # tokens [0, checked) were seen by the host's stop check
-    length = 0
-    for step in range(max_new_tokens):
-        if temperature > 0:
-            probs = (logits / temperature).softmax(-1)  # a NaN/inf logit makes its row NaN
-            bad = probs.isnan().any(-1, keepdim=True)  # [B*G, 1]
-            nxt = torch.multinomial(torch.where(bad, uniform, probs), 1, generator=generator).squeeze(-1)
-        else:
-            bad = logits.isnan().any(-1, keepdim=True) | logits.isposinf().any(-1, keepdim=True)
-            nxt = logits.argmax(-1)
-        non_finite |= bad.any()
-        live = ended == not_ended  # [B*G] as far as the device knows
-        nxt = torch.where(live, nxt, torch.full_like(nxt, pad_token_id))
-        tokens[:, step] = nxt
-        ended = torch.where(live & (nxt == eos_token_id), step + 1, ended)
-        length = step + 1
-        if length % check_every == 0 or length == max_new_tokens:
-            if bool(non_finite):
-                raise NonFiniteLogitsError(
-                    f"the model produced NaN or infinite logits at completion token {length}; its weights or inputs "
-                    "have diverged (check the learning rate and train/loss, and use bf16-mixed rather than fp16)"
-                )
-            if stop is not None:
-                ended = stop.end_rows(tokens, ended, not_ended, checked, length)
-            checked = length
-            if not bool((ended == not_ended).any()) or length == max_new_tokens:
-                break
-        last = last + 1
-        if decoder is not None:
-            logits = decoder.step(nxt, last, p + length - 1)
-            continue
-        out = model(
-            input_ids=nxt[:, None],
-            attention_mask=mask[:, : p + length],
-            position_ids=last[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1].float()
-    truncated = ended == not_ended
-    lengths = torch.where(truncated, length, ended)  # [B*G]
-    width = int(lengths.max()) if n else 0
-    completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()  # [B*G, C]
-    completion_ids = torch.where(completion_mask.bool(), tokens[:, :width], pad_token_id)
-    return {
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,
-        "truncated": truncated,
-        "first_logits": first_logits,
-    }
-
-
-KVCacheMode = Literal["auto", "dynamic", "static", "graph"]
-#: Eager decode steps before a CUDA graph is captured (libraries allocate their workspaces on first use).
-GRAPH_WARMUP_STEPS = 2
-
-
-class StaticDecoder:
-    """One decode step at a time over a preallocated KV cache and mask, optionally replayed as a CUDA graph.
-
-    transformers' dynamic cache grows by concatenation and its 2-D mask is turned into a 4-D mask on every step;
-    a 7B model's decode step then costs tens of kernel launches per layer issued from Python, several times the
-    ~3.5 ms an H200 needs to read the weights once. Here the cache (``StaticCache``), the additive 4-D mask
-    ``[N, 1, 1, P+C]`` and the input buffers have fixed addresses, so after ``GRAPH_WARMUP_STEPS`` eager steps the
-    whole forward is captured once and each later token is one ``graph.replay()``. Sampling stays outside the
-    graph. A graph lives for one ``sample_completions`` call, so weights updated between GRPO steps are read fresh.
-    """
-
-    def __init__(self, model: torch.nn.Module, cache, prompt_mask: torch.Tensor, max_new_tokens: int, graph: bool):
-        from transformers import StaticCache
-
-        layers = cache.layers
-        dtype, device = layers[0].keys.dtype, layers[0].keys.device
-        n, p = prompt_mask.shape
-        self.cache = StaticCache(config=model.config, max_cache_len=p + max_new_tokens)
-        for i, layer in enumerate(layers):
-            self.cache.update(layer.keys, layer.values, i)  # the prompt's keys/values at positions [0, P)
-        self.mask = torch.full((n, 1, 1, p + max_new_tokens), torch.finfo(dtype).min, dtype=dtype, device=device)
-        self.mask[:, 0, 0, :p].masked_fill_(prompt_mask.bool(), 0.0)  # [N, 1, 1, P+C], 0 where a key is visible
-        self.ids = torch.zeros((n, 1), dtype=torch.long, device=device)
-        self.positions = torch.zeros((n, 1), dtype=torch.long, device=device)
-        self.model, self.use_graph, self.steps = model, graph, 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_logits: torch.Tensor | None = None
-
-    @classmethod
-    def build(cls, model, cache, prompt_mask, max_new_tokens: int, mode: str) -> StaticDecoder | None:
-        """The decoder ``mode`` asks for on this device (None: keep the dynamic cache)."""
-        on_cuda = prompt_mask.device.type == "cuda"
-        if mode == "dynamic" or (mode == "auto" and not on_cuda):
-            return None
-        try:
-            return cls(model, cache, prompt_mask, max_new_tokens, graph=mode != "static" and on_cuda)
-        except Exception as err:  # noqa: BLE001 - an unusual cache layout: the dynamic cache still works
-            logger.warning(
-                "static KV cache unavailable (%s: %s); decoding with the dynamic cache", type(err).__name__, err
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.functions if name not in REWARD_FUNCTIONS]
+        if unknown or not self.functions:
+            raise UserError(f"rewards.functions {list(self.functions)}: choose from {sorted(REWARD_FUNCTIONS)}")
+        if self.weights is not None and len(self.weights) != len(self.functions):
+            raise UserError(
+                f"rewards.weights has {len(self.weights)} values for {len(self.functions)} rewards.functions; "
+                "give one weight per function"
             )
-            return None
 
-    def _forward(self) -> torch.Tensor:
-        out = self.model(
-            input_ids=self.ids,
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        return out.logits[:, -1].float()  # [N, V]
-
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, column: int) -> torch.Tensor:
-        """Logits ``[N, V]`` after feeding ``tokens`` [N] at ``positions`` [N], written to cache slot ``column``.
-
-        The returned tensor is overwritten by the next step when a graph is in use.
-        """
-        self.ids.copy_(tokens[:, None])
-        self.positions.copy_(positions[:, None])
-        self.mask[:, 0, 0, column] = 0.0  # the new token sees itself; later slots stay masked
-        self.steps += 1
-        # Autocast's cast cache would hand the graph copies made during capture: no caching while decoding.
-        autocast = contextlib.nullcontext()
-        if torch.is_autocast_enabled(self.ids.device.type):
-            autocast = torch.autocast(self.ids.device.type, torch.get_autocast_dtype(self.ids.device.type), True, False)
-        with autocast:
-            if not self.use_graph:
-                return self._forward()
-            if self.graph is None:
-                if self.steps <= GRAPH_WARMUP_STEPS:
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        logits = self._forward()
-                    torch.cuda.current_stream().wait_stream(side)
-                    return logits
-                try:
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        self.graph_logits = self._forward()  # recorded, not run: the cache does not move here
-                    self.graph = graph
-                except Exception as err:  # noqa: BLE001 - a kernel that cannot be captured: stay eager
-                    logger.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(err).__name__, err)
-                    self.use_graph = False
-                    return self._forward()
-            self.graph.replay()
-            return self.graph_logits
+    @property
+    def weight_tensor(self) -> torch.Tensor:
+        """``[F]`` float32 weights (1.0 each when none are given)."""
+        weights = self.weights if self.weights is not None else [1.0] * len(self.functions)
+        return torch.tensor(weights, dtype=torch.float32)
 
 
-class AnswerStop:
-    """Ends sampled rows at the token that closes ``</answer>`` (the reasoner's output reads nothing after it).
-
-    It reads decoded text, not token ids, because ``</answer>`` tokenizes differently after different words.
-    ``sample_completions`` calls ``end_rows`` every few tokens; it decodes only the new tokens of the rows still
-    running, plus ``lookback`` tokens before them (twice the tag's own token count, room for the spaced and cased
-    variants the parser accepts), and, for the rare row that closed the tag, finds the exact token.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.lookback = 2 * len(tokenizer("</answer>", add_special_tokens=False)["input_ids"]) + 2
-
-    def first_close(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[N, t]`` token windows -> ``[N]`` long: each row's shortest prefix that closes the tag, 0 if none does."""
-        rows = tokens.tolist()
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-
-        def closes(row: list[int], t: int) -> bool:
-            return answer_closed(self.tokenizer.decode(row[:t], skip_special_tokens=True))
-
-        found = [
-            next(t for t in range(1, len(row) + 1) if closes(row, t)) if answer_closed(text) else 0
-            for row, text in zip(rows, texts)
-        ]
-        return torch.tensor(found, dtype=torch.long)
-
-    def end_rows(
-        self, tokens: torch.Tensor, ended: torch.Tensor, not_ended: int, checked: int, length: int
-    ) -> torch.Tensor:
-        """``ended`` with the running rows that closed the tag in tokens ``[checked, length)`` set to their length."""
-        running = (ended == not_ended).nonzero().squeeze(-1)  # [k]
-        if running.numel() == 0:
-            return ended
-        start = max(0, checked - self.lookback)
-        close = self.first_close(tokens[running, start:length]).to(ended.device)  # [k]
-        return ended.index_put((running,), torch.where(close > 0, start + close, ended[running]))
+def adapter_folder(init_adapter: str | Path) -> Path:
+    """The PEFT adapter folder ``init_adapter`` names: an SFT run's ``adapter/``, or the folder itself."""
+    folder = Path(init_adapter).expanduser()
+    return folder / "adapter" if (folder / "adapter" / "adapter_config.json").is_file() else folder
 
 
-def answer_stop(tokenizer) -> AnswerStop:
-    """The stop rule of the reasoner's sampling: end at ``</answer>``."""
-    return AnswerStop(tokenizer)
+def _settings(cls, value):
+    """A settings dataclass from itself, a dict (a checkpoint's hyper-parameters) or None (the defaults)."""
+    if value is None:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GRPO math (plain functions, tested on literal tensors)
-
-
-def token_log_probs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) under ``softmax(logits / temperature)``: ``[N, T, V]``, ``[N, T]`` -> ``[N, T]``.
-
-    The loss must score tokens under the distribution they were sampled from, hence the temperature.
-    """
-    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-    return scaled.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def combine_rewards(per_function: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over reward functions ``[N, F]`` -> ``[N]``, skipping NaN (None); NaN where all are NaN."""
-    total = (per_function * weights[None, :]).nansum(dim=1)  # [N]
-    return torch.where(torch.isnan(per_function).all(dim=1), torch.full_like(total, math.nan), total)
-
-
-def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Unbiased standard deviation ignoring NaN (NaN with fewer than two values), as TRL's ``nanstd``."""
-    mean = torch.nanmean(x, dim=dim, keepdim=True)
-    count = (~torch.isnan(x)).sum(dim=dim, keepdim=dim is not None)
-    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=dim is not None)
-    if dim is not None:
-        var, count = var.squeeze(dim), count.squeeze(dim)
-    return torch.where(count > 1, (var * count / (count - 1).clamp(min=1)).sqrt(), torch.full_like(var, math.nan))
-
-
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-relative advantages of GRPO.
-
-    Args:
-        rewards: ``[N]`` rewards, N = prompts x group_size, grouped consecutively; NaN = unscorable.
-        group_size: G samples per prompt (>= 2).
-        scale: ``group`` divides by the group's std (GRPO), ``batch`` by the std of all rewards, ``none`` not at all
-            (Dr. GRPO: std scaling favours prompts that are too easy or too hard).
-        eps: Added to the std, so a zero-variance group gets advantage 0 / eps = 0 rather than NaN.
-
-    Returns:
-        ``(advantages [N], zero_std [N] bool)``; unscorable rows get advantage 0. Stds are unbiased (Bessel), as TRL.
-    """
-    if scale not in SCALE_REWARDS:
-        raise ValueError(f"scale must be one of {SCALE_REWARDS}, got {scale!r}")
-    if group_size < 2 or rewards.numel() % group_size:
-        raise ValueError(f"need groups of >= 2 samples that divide {rewards.numel()} rewards, got {group_size}")
-    grouped = rewards.view(-1, group_size)  # [B, G]
-    mean = torch.nanmean(grouped, dim=1).repeat_interleave(group_size)  # [N]
-    group_std = _nanstd(grouped, dim=1).repeat_interleave(group_size)  # [N]
-    advantages = rewards - mean
-    if scale == "group":
-        advantages = advantages / (group_std + eps)
-    elif scale == "batch":
-        advantages = advantages / (_nanstd(rewards) + eps)
-    zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
-    return torch.nan_to_num(advantages, nan=0.0), zero_std
-
-
-def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased for samples of pi)."""
-    delta = ref_logps - logps
-    return delta.exp() - delta - 1
-
-
-def clipped_token_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    ref_logps: torch.Tensor | None = None,
-    beta: float = 0.0,
-    num_tokens: float | torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Clipped surrogate loss per token, normalised by a token count.
-
-    loss = sum_t mask * ( -min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta KL_t ) / num_tokens,
-    with r = exp(logps - old_logps).
-
-    Args:
-        logps: ``[N, T]`` log-probs of the completion tokens under the current policy (with grad).
-        old_logps: ``[N, T]`` under the sampling policy (``logps.detach()`` when there is one step per batch).
-        advantages: ``[N]`` one per completion.
-        mask: ``[N, T]`` 1 on completion tokens.
-        epsilon_low: Lower clip range.
-        epsilon_high: Upper clip range (default ``epsilon_low``; DAPO's clip-higher uses a larger one).
-        ref_logps: ``[N, T]`` under the reference policy; needed when ``beta > 0``.
-        beta: KL coefficient.
-        num_tokens: Denominator; pass the completion-token count of the whole generation batch so the losses of its
-            micro-batches sum to the full-batch loss. Default: this call's ``mask.sum()``.
-
-    Returns:
-        ``loss`` (scalar), and detached sums for logging: ``tokens``, ``clipped`` (tokens where the clip is
-        active), ``kl_sum``.
-    """
-    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    mask = mask.to(logps.dtype)
-    ratio = (logps - old_logps).exp()  # [N, T]
-    adv = advantages[:, None].to(logps.dtype)  # [N, 1]
-    per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)  # [N, T]
-    kl = None
-    if beta != 0.0:
-        if ref_logps is None:
-            raise ValueError("beta > 0 needs ref_logps")
-        kl = k3_kl(logps, ref_logps)
-        per_token = per_token + beta * kl
-    denom = mask.sum().clamp(min=1.0) if num_tokens is None else torch.as_tensor(num_tokens, dtype=logps.dtype)
-    loss = (per_token * mask).sum() / denom.clamp(min=1.0)
-    clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
-    return {
-        "loss": loss,
-        "tokens": mask.sum().detach(),
-        "clipped": (clipped.to(mask.dtype) * mask).sum().detach(),
-        "kl_sum": (kl.detach() * mask).sum() if kl is not None else torch.zeros((), device=logps.device),
-    }
-
-
-def returns_kv_cache(model: torch.nn.Module) -> bool:
-    """Whether a forward of ``model`` now returns its KV cache.
-
-    transformers drops the cache inside a layer that checkpoints its activations (training mode with gradient
-    checkpointing on); transformers 5.17 does so even when gradients are off.
-    """
-    return not (model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()))
-
-
-def group_log_probs(
-    model: torch.nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    temperature: float,
-) -> torch.Tensor:
-    """``[b*G, C]`` log-probs of G completions per prompt, with each prompt's forward run once, not G times.
-
-    The prompts ``[b, P]`` are prefilled once (with gradient), their KV cache is repeated G times along the batch,
-    and only the completions ``[b*G, C]`` (G consecutive rows per prompt, as ``sample_completions`` returns them) run
-    on top of it. Under gradient checkpointing, which drops the KV cache, each row runs prompt + completion whole.
-    The gradient reaching the shared prompt activations is the sum over the group, exactly what G
-    separate forwards would give; the cost of the prompt part falls from b*G*P tokens to b*P. With 300-token
-    prompts and 30-token answers this is most of a GRPO step.
-
-    Returns:
-        ``[b*G, C]`` log-probs under ``softmax(logits / temperature)``, equal in value and gradient to one forward
-        of each repeated prompt + completion (``tests/test_reasoner.py``, which also checks them against TRL).
-    """
-    b, n = prompt_ids.shape[0], completion_ids.shape[0]
-    if b == 0 or n % b:
-        raise ValueError(f"{n} completions do not split into groups over {b} prompts")
-    g = n // b
-    c = completion_ids.shape[1]
-    if not returns_kv_cache(model):
-        # Gradient checkpointing drops the KV cache in training mode, so each prompt runs once per completion, in
-        # one forward of prompt + completion (what TRL does): G times the prompt's compute, same values.
-        mask = torch.cat([prompt_mask.repeat_interleave(g, dim=0), completion_mask], dim=1)  # [b*G, P+C]
-        logits = model(
-            input_ids=torch.cat([prompt_ids.repeat_interleave(g, dim=0), completion_ids], dim=1),
-            attention_mask=mask,
-            position_ids=positions(mask),
-            logits_to_keep=c + 1,
-        ).logits[:, :-1]  # [b*G, C, V]: the last prompt position predicts the first completion token
-        return token_log_probs(logits, completion_ids, temperature)
-    pos = positions(prompt_mask)  # [b, P]
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(g)  # [b, ...] -> [b*G, ...], differentiable: gradients of the group add up
-    first = out.logits[:, -1:].repeat_interleave(g, dim=0)  # [b*G, 1, V]: predicts the first completion token
-    mask = torch.cat([prompt_mask.repeat_interleave(g, dim=0), completion_mask], dim=1)  # [b*G, P+C]
-    start = pos[:, -1:].repeat_interleave(g, dim=0) + 1  # [b*G, 1]
-    rest = model(
-        input_ids=completion_ids,
-        attention_mask=mask,
-        position_ids=start + torch.arange(c, device=start.device)[None, :],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=c,
-    ).logits  # [b*G, C, V]: position t predicts token t+1
-    logits = torch.cat([first, rest[:, :-1]], dim=1)  # [b*G, C, V]
-    return token_log_probs(logits, completion_ids, temperature)
+# SFT loss and the metrics of generated answers
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -679,44 +207,6 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     ).logits  # [B, K, V]
     targets = batch["labels"][:, -keep + 1 :]  # [B, K-1]: logits at t predict token t+1
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-
-def reward_table(
-    functions: Sequence[Callable[..., list]],
-    prompts: list,
-    completions: list[str],
-    completion_ids: list[list[int]],
-    columns: dict[str, list],
-) -> torch.Tensor:
-    """``[N, F]`` rewards of each function (TRL call signature), None -> NaN."""
-    out = torch.full((len(completions), len(functions)), math.nan)
-    for j, fn in enumerate(functions):
-        values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-        if len(values) != len(completions):
-            raise ValueError(
-                f"reward {getattr(fn, '__name__', fn)} returned {len(values)} values for {len(completions)}"
-            )
-        out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
-    return out
-
-
-def answer_diversity(answers: Sequence[int | None], group_size: int) -> dict[str, float]:
-    """How varied a generation batch's answers are (None = no valid DRG, counted as one more answer).
-
-    Returns:
-        ``distinct_answers``: distinct answers over the batch / the number of prompts (1.0 when each prompt gets its
-        own answer, 1/B when every prompt gets the same one: mode collapse); ``group_distinct``: mean over groups of
-        distinct answers / G (0 variety inside a group = nothing for GRPO to compare).
-    """
-    groups = [answers[i : i + group_size] for i in range(0, len(answers), group_size)]
-    return {
-        "distinct_answers": len(set(answers)) / max(len(groups), 1),
-        "group_distinct": float(np.mean([len(set(grp)) / len(grp) for grp in groups])) if groups else 0.0,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics of generated answers in the classifier's metrics.json layout
 
 
 def generation_metrics(
@@ -763,40 +253,17 @@ class DRGReasoner(L.LightningModule):
     Args:
         backbone: Which causal LM to load and how to adapt it (LoRA rank, dtype, quantisation…).
         label_space: Classes of the run (for the classifier-style metrics); linked from ``data.label_space``.
-        stage: ``sft`` (teacher forcing on rationale targets) or ``grpo`` (sampling + rewards).
+        stage: ``sft`` (teacher forcing on the data module's targets) or ``grpo`` (sampling + rewards).
         init_adapter: LoRA adapter folder to start from (the SFT run's ``adapter/``, or the run folder itself).
         init_adapter_mode: ``merge`` it into the base and train a fresh LoRA (reference = adapter disabled), or
-            ``continue`` training it (reference = a frozen copy, kept only when beta > 0).
-        instruction: System instruction; None uses ``INSTRUCTION`` (``{version}`` is filled in).
-        max_note_tokens: Token budget of the hospital course in the prompt (the instruction is never truncated).
-        truncation: Which note tokens to keep: ``head``, ``tail`` or ``head_tail``.
-        rationale: SFT targets: ``grounded`` (from codes + grouper, answer-only where unavailable) or ``answer_only``.
-        codes_dir: ``hosp/`` folder with diagnoses_icd/procedures_icd; None finds it from the prepared folder.
-        batch_size: Prompts per training step (SFT rows per batch).
-        eval_batch_size: Prompts per evaluation batch.
+            ``continue`` training it (reference = a frozen copy, kept only when ``grpo.beta`` > 0).
         learning_rate: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps, then constant.
-        max_grad_norm: Gradient norm clip (0 disables).
-        num_generations: G completions per prompt (GRPO).
-        temperature: Sampling temperature of GRPO (and of the loss's log-probs).
-        max_new_tokens: Completion budget during training and evaluation.
-        reward_funcs: Names in ``rewards.REWARD_FUNCTIONS``.
-        reward_weights: One weight per reward function (default 1.0 each).
-        scale_rewards: ``group``, ``batch`` or ``none`` (see ``group_advantages``).
-        epsilon_low: Lower clip of the ratio.
-        epsilon_high: Upper clip (default epsilon_low).
-        beta: KL coefficient to the reference policy (0 disables the reference forward).
-        grpo_iterations: Optimizer steps per generation batch (mu); > 1 makes the clip active.
-        micro_batch_size: Completions per forward/backward in the GRPO loss, rounded down to whole groups (at least
-            one prompt x G); token counts normalise across micro-batches.
-        eval_samples: k sampled answers per evaluation prompt for Pass@1 (sampled), Maj@k, Pass@k; 0 greedy only.
-        eval_temperature: Temperature of those samples.
-        val_samples: Completions sampled per validation note at the training ``temperature`` with the same seed at
-            every check, for ``val/reward_sampled``: the expected reward GRPO maximises, on fixed held-out notes
-            (0: greedy only).
-        drg_version: MS-DRG version of answers (default: the label space's).
-        seed: Seed of the training shuffle and of sampling.
+        generation: Completion budget and evaluation sampling (``GenerationConfig``).
+        grpo: The GRPO step (``GRPOConfig``); unused by SFT.
+        rewards: Reward functions and weights (``RewardConfig``).
+        seed: Seed of sampling (training, and the validation samples' fixed draws).
     """
 
     def __init__(
@@ -806,32 +273,12 @@ class DRGReasoner(L.LightningModule):
         stage: Literal["sft", "grpo"] = "sft",
         init_adapter: str | None = None,
         init_adapter_mode: Literal["merge", "continue"] = "merge",
-        instruction: str | None = None,
-        max_note_tokens: int = 256,
-        truncation: Literal["head", "tail", "head_tail"] = "head_tail",
-        rationale: Literal["grounded", "answer_only"] = "grounded",
-        codes_dir: str | None = None,
-        batch_size: int = 8,
-        eval_batch_size: int = 16,
-        learning_rate: float = 2e-4,
+        learning_rate: float = 5e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        max_grad_norm: float = 1.0,
-        num_generations: int = 4,
-        temperature: float = 1.0,
-        max_new_tokens: int = 192,
-        reward_funcs: Sequence[str] = ("format", "exact", "invalid"),
-        reward_weights: Sequence[float] | None = None,
-        scale_rewards: Literal["group", "batch", "none"] = "group",
-        epsilon_low: float = 0.2,
-        epsilon_high: float | None = None,
-        beta: float = 0.0,
-        grpo_iterations: int = 1,
-        micro_batch_size: int = 8,
-        eval_samples: int = 0,
-        eval_temperature: float = 0.7,
-        val_samples: int = 0,
-        drg_version: str | None = None,
+        generation: GenerationConfig = GenerationConfig(),
+        grpo: GRPOConfig = GRPOConfig(),
+        rewards: RewardConfig = RewardConfig(),
         seed: int = 0,
     ):
         super().__init__()
@@ -839,59 +286,39 @@ class DRGReasoner(L.LightningModule):
             raise ValueError("DRGReasoner needs a label space; it comes from the data module (data.label_space).")
         if isinstance(label_space, dict):
             label_space = LabelSpace.from_dict(label_space)
-        backbone = backbone or BackboneConfig()
-        if isinstance(backbone, dict):
-            backbone = BackboneConfig(**backbone)
         if stage not in ("sft", "grpo"):
-            raise ValueError(f"stage must be 'sft' or 'grpo', got {stage!r}")
-        if rationale not in ("grounded", "answer_only"):
-            raise ValueError(f"rationale must be 'grounded' or 'answer_only', got {rationale!r}")
-        unknown = [r for r in reward_funcs if r not in REWARD_FUNCTIONS]
-        if unknown:
-            raise ValueError(f"unknown reward functions {unknown}; choose from {sorted(REWARD_FUNCTIONS)}")
-        reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(reward_funcs)
-        if len(reward_weights) != len(reward_funcs):
-            raise ValueError(f"{len(reward_weights)} reward_weights for {len(reward_funcs)} reward_funcs")
-        if stage == "grpo" and num_generations < 2:
-            raise ValueError("GRPO needs num_generations >= 2 (advantages are relative to the group)")
-        if scale_rewards not in SCALE_REWARDS:
-            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+            raise UserError(f"stage must be 'sft' or 'grpo', got {stage!r}")
         if init_adapter_mode not in ("merge", "continue"):
-            raise ValueError(f"init_adapter_mode must be 'merge' or 'continue', got {init_adapter_mode!r}")
-        if max_note_tokens < 1 or max_new_tokens < 1 or micro_batch_size < 1 or grpo_iterations < 1:
-            raise ValueError("max_note_tokens, max_new_tokens, micro_batch_size and grpo_iterations must be >= 1")
+            raise UserError(f"init_adapter_mode must be 'merge' or 'continue', got {init_adapter_mode!r}")
         self.label_space = label_space
-        self.backbone_config = backbone
-        self.version = resolve_version(drg_version or label_space.version)
-        self.save_hyperparameters(ignore=["backbone", "label_space"])
+        self.backbone_config = _settings(BackboneConfig, backbone)
+        self.generation_config = _settings(GenerationConfig, generation)
+        self.grpo_config = _settings(GRPOConfig, grpo)
+        self.reward_config = _settings(RewardConfig, rewards)
+        self.version = label_space.version
+        self.save_hyperparameters(ignore=["backbone", "label_space", "generation", "grpo", "rewards"])
+        # Plain values only: a checkpoint's hyper-parameters load with the safe unpickler (weights_only).
         self.hparams.update(
-            backbone=asdict(backbone),
+            backbone=asdict(self.backbone_config),
             label_space=label_space.to_dict(),
-            reward_funcs=list(reward_funcs),
-            reward_weights=reward_weights,
+            generation=asdict(self.generation_config),
+            grpo=asdict(self.grpo_config),
+            rewards=asdict(self.reward_config),
             # absolute, so evaluate/predict can rebuild the model from any working directory
             init_adapter=str(Path(init_adapter).expanduser().resolve()) if init_adapter else None,
         )
-        self.model, self.tokenizer = self._build_model(backbone, init_adapter, init_adapter_mode)
+        self.model, self.tokenizer = self._build_model(self.backbone_config, init_adapter, init_adapter_mode)
         self.model.train()  # from_pretrained returns eval mode, which would silently disable LoRA dropout
         self.reference = None
+        beta = self.grpo_config.beta
         if stage == "grpo" and beta > 0 and init_adapter and init_adapter_mode == "continue":
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.automatic_optimization = stage == "sft"
         self.strict_loading = False  # checkpoints hold only the trainable tensors
-        self.rewards = [REWARD_FUNCTIONS[name] for name in reward_funcs]
-        text = instruction if instruction is not None else INSTRUCTION
-        self.instruction = text.replace("{version}", f"version {self.version}")
-        self.parts = prompt_parts(self.tokenizer, self.instruction)
+        self.rewards = [REWARD_FUNCTIONS[name] for name in self.reward_config.functions]
         self._stop = answer_stop(self.tokenizer)
-        self._data_module = None
-        self._examples: dict[str, list[dict]] = {}
         self._eval: list[dict] = []
-        self.rationale_counts: dict[str, int] = {}
         self.last_eval: dict[str, Any] = {}
-
-    # ----------------------------------------------------------------------------------------------------------
-    # model and data
 
     @staticmethod
     def _build_model(cfg: BackboneConfig, init_adapter: str | None, mode: str):
@@ -899,9 +326,7 @@ class DRGReasoner(L.LightningModule):
             return build_causal_lm_backbone(cfg)
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        folder = Path(init_adapter).expanduser()
-        if (folder / "adapter" / "adapter_config.json").is_file():
-            folder = folder / "adapter"  # a run directory was given
+        folder = adapter_folder(init_adapter)
         if not (folder / "adapter_config.json").is_file():
             raise FileNotFoundError(
                 f"init_adapter {init_adapter} holds no adapter_config.json; pass the SFT run's adapter/ folder"
@@ -912,7 +337,7 @@ class DRGReasoner(L.LightningModule):
             keep_trainable_fp32(model)
             return model, tokenizer
         if cfg.quantization is not None:
-            raise ValueError("a quantized base cannot absorb a merged adapter; use init_adapter_mode: continue")
+            raise UserError("a quantized base cannot absorb a merged adapter; use init_adapter_mode: continue")
         merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
         if cfg.lora_r == 0:
             return merged, tokenizer
@@ -927,78 +352,11 @@ class DRGReasoner(L.LightningModule):
         keep_trainable_fp32(model)
         return model, tokenizer
 
-    def attach_data(self, data) -> None:
-        """Use ``data`` (a ``DRGDataModule``) for its prepared folder, row limits and seed; texts are read here."""
-        if data.label_space.drgs != self.label_space.drgs:
-            raise ValueError("the data module's classes differ from the model's label space")
-        self._data_module = data
-
-    def split_frame(self, split: str) -> pd.DataFrame:
-        """hadm_id, subject_id, drg_code and text of the split's first ``limit`` rows (row order = index)."""
-        if self._data_module is None:
-            raise RuntimeError("call attach_data(DRGDataModule) before training or evaluating")
-        import pyarrow.parquet as pq
-
-        columns = ["hadm_id", "subject_id", "drg_code", "text"]
-        frame = pq.read_table(self._data_module.prepared_dir / f"{split}.parquet", columns=columns).to_pandas()
-        limit = self._data_module.limits[split]
-        return frame.iloc[:limit].reset_index(drop=True) if limit is not None else frame
-
-    def examples(self, split: str, with_targets: bool | None = None) -> list[dict]:
-        """Prompt ids (and SFT completion ids) per row of a split, built once; the text is not kept."""
-        if split in self._examples:
-            return self._examples[split]
-        frame = self.split_frame(split)
-        if with_targets is None:
-            with_targets = split in ("train", "val") and (self.hparams.stage == "sft" or split == "val")
-        prompts = build_prompts(
-            self.tokenizer, frame["text"].tolist(), self.parts, self.hparams.max_note_tokens, self.hparams.truncation
-        )
-        completions: list[list[int] | None] = [None] * len(frame)
-        if with_targets:
-            rationales = self._rationales(frame)
-            texts = [target_text(int(d), self.version, r) for d, r in zip(frame["drg_code"], rationales)]
-            eos = [self.tokenizer.eos_token_id]
-            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            completions = [list(x) + eos for x in ids]
-        self._examples[split] = [
-            {"prompt": p, "completion": c, "drg_code": int(d), "row": i, "hadm_id": int(h)}
-            for i, (p, c, d, h) in enumerate(zip(prompts, completions, frame["drg_code"], frame["hadm_id"]))
-        ]
-        return self._examples[split]
-
-    def _rationales(self, frame: pd.DataFrame) -> list[str | None]:
-        if self.hparams.rationale == "answer_only":
-            return [None] * len(frame)
-        from drg_llama.data.rationales import find_codes_dir, grounded_rationales
-
-        codes_dir = self.hparams.codes_dir or find_codes_dir(self._data_module.prepared_dir)
-        if codes_dir is None:
-            logger.warning("no diagnoses_icd next to %s: SFT targets are answer-only", self._data_module.prepared_dir)
-            return [None] * len(frame)
-        rationales, counts = grounded_rationales(codes_dir, frame, self.version)
-        for key, value in counts.items():
-            self.rationale_counts[key] = self.rationale_counts.get(key, 0) + value
-        logger.info("SFT targets: %s", dict(counts))  # counts only, never text
-        return rationales
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        rows = self.examples(split)
-        pad = self.tokenizer.pad_token_id
-        size = self.hparams.batch_size if train else self.hparams.eval_batch_size
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(
-            rows, batch_size=size, shuffle=train, generator=generator, collate_fn=lambda r: collate(r, pad)
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+    @property
+    def init_adapter(self) -> Path | None:
+        """The PEFT adapter folder training started from (None: a fresh LoRA on the base)."""
+        recorded = self.hparams.init_adapter
+        return adapter_folder(recorded) if recorded else None
 
     # ----------------------------------------------------------------------------------------------------------
     # SFT
@@ -1023,10 +381,10 @@ class DRGReasoner(L.LightningModule):
         # is measured on new prompts each step, so it moves with which notes were drawn as much as with the policy.
         # Samples (val_samples) use the training temperature and a generator re-seeded at every check: the same
         # random draws each time, so a change between checks is the policy's, not the dice's.
-        hp = self.hparams
         if batch_idx == 0:
-            self._val_rng = torch.Generator(device=self.device).manual_seed(hp.seed + 2_000)
-        self._collect(batch, hp.val_samples, temperature=hp.temperature, generator=self._val_rng)
+            self._val_rng = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 2_000)
+        samples, temperature = self.generation_config.val_samples, self.grpo_config.temperature
+        self._collect(batch, samples, temperature=temperature, generator=self._val_rng)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._summarise()
@@ -1058,11 +416,11 @@ class DRGReasoner(L.LightningModule):
         ids = ids if ids is not None else self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         columns = {"drg_code": gold, "drg_version": [self.version] * len(gold)}
         per_fn = reward_table(self.rewards, [None] * len(texts), texts, ids, columns)
-        return per_fn, combine_rewards(per_fn, torch.tensor(self.hparams.reward_weights, dtype=torch.float32))
+        return per_fn, combine_rewards(per_fn, self.reward_config.weight_tensor)
 
     def grpo_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One GRPO step on a batch of prompts: sample, score, advantages, clipped loss, optimizer step(s)."""
-        hp = self.hparams
+        hp = self.grpo_config
         g, temperature = hp.num_generations, hp.temperature
         self.model.eval()  # no dropout while sampling
         sample = sample_completions(
@@ -1070,7 +428,7 @@ class DRGReasoner(L.LightningModule):
             batch["prompt_ids"],
             batch["prompt_mask"],
             g,
-            hp.max_new_tokens,
+            self.generation_config.max_new_tokens,
             temperature,
             self.tokenizer.eos_token_id,
             self.tokenizer.pad_token_id,
@@ -1100,14 +458,14 @@ class DRGReasoner(L.LightningModule):
 
         old, ref = None, None
         with torch.no_grad():
-            if hp.grpo_iterations > 1:
+            if hp.iterations > 1:
                 old = torch.cat([group_log_probs(self.model, *args(p, c)) for p, c in slices])
             if hp.beta > 0:
                 ref = torch.cat([self._reference_logps(*args(p, c)) for p, c in slices])
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
         totals = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0, "logp_sum": 0.0}
-        for _ in range(hp.grpo_iterations):
+        for _ in range(hp.iterations):
             for p, c in slices:
                 logps = group_log_probs(self.model, *args(p, c))  # [m*G, C]
                 terms = clipped_token_loss(
@@ -1136,19 +494,19 @@ class DRGReasoner(L.LightningModule):
         tokens = max(totals["tokens"], 1.0)
         stats = {
             "reward": float(torch.nanmean(rewards)),
-            "reward_std": float(_nanstd(rewards)) if rewards.numel() > 1 else 0.0,
+            "reward_std": float(nanstd(rewards)) if rewards.numel() > 1 else 0.0,
             "frac_reward_zero_std": float(zero_std.float().mean()),
             "completion_length": float(lengths.mean()),
             "truncated_fraction": float(sample["truncated"].float().mean()),
             "clip_ratio": totals["clipped"] / tokens,
             "kl": totals["kl_sum"] / tokens,
-            "loss": totals["loss"] / hp.grpo_iterations,
+            "loss": totals["loss"] / hp.iterations,
             # Collapse shows here before it shows in the reward: the policy's per-token entropy (estimated by the
             # sampled tokens' -log p) falls and every prompt gets the same answer.
             "entropy": -totals["logp_sum"] / tokens,
             **answer_diversity([parse_answer(t, self.version).drg for t in texts], g),
         }
-        for name, column in zip(hp.reward_funcs, per_fn.T):
+        for name, column in zip(self.reward_config.functions, per_fn.T):
             stats[f"rewards/{name}"] = float(torch.nanmean(column)) if not torch.isnan(column).all() else math.nan
         size = batch["prompt_ids"].shape[0]
         for key, value in stats.items():
@@ -1177,11 +535,11 @@ class DRGReasoner(L.LightningModule):
             rows = [r[m.bool()].tolist() for r, m in zip(out["completion_ids"], out["completion_mask"])]
             return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-        limit, stop = self.hparams.max_new_tokens, self._stop
+        limit, stop = self.generation_config.max_new_tokens, self._stop
         greedy = decode(sample_completions(*args, 1, limit, 0.0, eos, pad, stop=stop))
         sampled: list[list[str]] = [[] for _ in greedy]
         if samples > 0:
-            temp = self.hparams.eval_temperature if temperature is None else temperature
+            temp = self.generation_config.eval_temperature if temperature is None else temperature
             rng = generator if generator is not None else self._generator()
             out = decode(sample_completions(*args, samples, limit, temp, eos, pad, rng, stop=stop))
             sampled = [out[i * samples : (i + 1) * samples] for i in range(len(greedy))]
@@ -1218,7 +576,7 @@ class DRGReasoner(L.LightningModule):
         return metrics
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._collect(batch, self.hparams.eval_samples)
+        self._collect(batch, self.generation_config.eval_samples)
 
     def on_test_epoch_end(self) -> None:
         metrics = self._summarise()
@@ -1247,36 +605,18 @@ class DRGReasoner(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_trainable_tensors(self, checkpoint)
 
-    def save_adapter(self, folder: str) -> None:
-        """Write the LoRA adapter as safetensors (PEFT layout)."""
-        save_adapter(self, "model", folder)
+    def save_adapter(self, folder: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the LoRA adapter as safetensors (PEFT layout); ``state_dict`` as for ``DRGClassifier.save_adapter``."""
+        save_adapter(self, "model", folder, state_dict)
 
 
 __all__ = [
-    "INSTRUCTION",
-    "PLAIN_TEMPLATE",
     "SUMMARY_METRICS",
     "VAL_METRICS",
     "DRGReasoner",
-    "answer_diversity",
-    "AnswerStop",
-    "NonFiniteLogitsError",
-    "StaticDecoder",
-    "answer_stop",
-    "returns_kv_cache",
-    "build_prompts",
-    "clipped_token_loss",
-    "collate",
-    "combine_rewards",
+    "GRPOConfig",
+    "GenerationConfig",
+    "RewardConfig",
     "generation_metrics",
-    "group_advantages",
-    "group_log_probs",
-    "k3_kl",
-    "prompt_parts",
-    "reward_table",
-    "sample_completions",
-    "sft_batch",
     "sft_loss",
-    "target_text",
-    "token_log_probs",
 ]

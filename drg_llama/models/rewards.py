@@ -1,131 +1,26 @@
-"""The reasoner's task: answer parsing, TRL-style reward functions and the scoring of generated answers.
+"""The reasoner's rewards (TRL-style functions) and the scoring of its generated answers.
 
-The reasoner writes ``<think>…</think><answer>DRG NNN: TITLE</answer>``. This module is the one place that reads
-that format, so what GRPO is rewarded for is exactly what ``evaluate`` reports (nanochat's "task owns its reward and
-its evaluation").
+Both read answers with ``drg_llama.drg.answers.parse_answer``, the one parser of the format SFT targets are written
+in, so what GRPO is rewarded for is exactly what ``evaluate`` reports (the task owns its reward and its evaluation).
 
-Reward functions follow TRL's convention (STYLE.md): plain callables with keyword arguments ``prompts``,
-``completions``, ``completion_ids``, every dataset column by name (``drg_code``, ``drg_version``), and ``**kwargs``;
-each returns one ``float | None`` per completion (None: the reward does not apply, e.g. no gold label). They work
-unchanged as ``trl.GRPOTrainer(reward_funcs=[...])``::
+Reward functions follow TRL's convention: plain callables with keyword arguments ``prompts``, ``completions``,
+``completion_ids``, every dataset column by name (``drg_code``, ``drg_version``), and ``**kwargs``; each returns one
+``float | None`` per completion (None: the reward does not apply, e.g. no gold label). They work unchanged as
+``trl.GRPOTrainer(reward_funcs=[...])``::
 
-    from drg_llama.models.rewards import exact_drg_reward, parse_answer
-    parse_answer("<think>…</think><answer>DRG 291: Heart Failure and Shock with MCC</answer>").drg   # 291
+    from drg_llama.models.rewards import exact_drg_reward
     exact_drg_reward(completions=["<answer>DRG 291</answer>"], drg_code=[291])                        # [1.0]
-
-Parsing never raises: a missing, unreadable or non-existent answer is a status that is counted.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from drg_llama.drg import DRGFacts, get_table, map_title, resolve_version
-
-#: Statuses of a parsed answer. ``ok``: a DRG of the target version; ``missing``: no ``<answer>`` block;
-#: ``empty``: a block with nothing usable in it; ``invalid_drg``: a code or title that names no DRG of the version.
-STATUSES = ("ok", "missing", "empty", "invalid_drg")
-
-# Tolerant of case and whitespace inside the tags ("< Answer >"); the last block wins, as a model that restates
-# its answer means the final one.
-_ANSWER = re.compile(r"<\s*answer\s*>(.*?)(?:<\s*/\s*answer\s*>|$)", re.IGNORECASE | re.DOTALL)
-# The full format: one think block, then one answer block, nothing else but whitespace.
-_FORMAT = re.compile(
-    r"^\s*<\s*think\s*>(?P<think>.*?)<\s*/\s*think\s*>\s*<\s*answer\s*>(?P<answer>.*?)<\s*/\s*answer\s*>\s*$",
-    re.IGNORECASE | re.DOTALL,
-)
-# The end of the answer: generation stops here (``answer_closed``).
-_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
-# "DRG 291", "drg #291", "MS-DRG 291", or a bare leading number "291: ..."
-_CODE = re.compile(r"^\s*(?:ms[-\s]?)?(?:drg)?\s*#?\s*(\d{1,4})\b", re.IGNORECASE)
-_DRG_WORD = re.compile(r"^\s*(?:ms[-\s]?)?drg\b\s*[:#-]?\s*", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class ParsedAnswer:
-    """What a completion answered.
-
-    Attributes:
-        drg: The DRG of the target version, or None.
-        status: One of ``STATUSES``.
-        format_ok: The completion is exactly ``<think>…</think><answer>…</answer>`` (whitespace allowed).
-        reasoning: Text of the think block ("" when there is none). May quote the note: never log it.
-    """
-
-    drg: int | None
-    status: str
-    format_ok: bool
-    reasoning: str = ""
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: a string, or TRL's conversational form (a list of messages, the last one's content)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    return "" if completion is None else str(completion)
-
-
-def format_answer(code: int, version: str = "v43") -> str:
-    """The answer block for DRG ``code``: ``<answer>DRG 291: Heart Failure and Shock with MCC</answer>``."""
-    return f"<answer>DRG {int(code)}: {get_table(version)[code].title}</answer>"
-
-
-@functools.lru_cache(maxsize=65_536)
-def parse_answer(text: str, version: str = "v43") -> ParsedAnswer:
-    """Read the DRG out of a completion, by code or else by title, for MS-DRG ``version``.
-
-    A code wins over a title when both are given (titles are descriptive and often abbreviated); a title alone is
-    mapped through the domain core (``map_title``), so "HEART FAILURE & SHOCK W MCC" reads as 291.
-
-    Args:
-        text: The completion.
-        version: Target MS-DRG version.
-
-    Returns:
-        A :class:`ParsedAnswer`; never raises on malformed text.
-    """
-    version = resolve_version(version)
-    text = text if isinstance(text, str) else completion_text(text)
-    whole = _FORMAT.match(text)
-    think = whole.group("think").strip() if whole else _think_text(text)
-    blocks = _ANSWER.findall(text)
-    if not blocks:
-        return ParsedAnswer(None, "missing", False, think)
-    body = " ".join(re.sub(r"<[^>]*>", " ", blocks[-1]).split())  # stray tags inside the block are not an answer
-    if not body:
-        return ParsedAnswer(None, "empty", whole is not None, think)
-    table = get_table(version)
-    code = _CODE.match(body)
-    if code is not None:
-        drg = int(code.group(1))
-        status = "ok" if drg in table else "invalid_drg"
-        return ParsedAnswer(drg if status == "ok" else None, status, whole is not None, think)
-    title = _DRG_WORD.sub("", body).strip(" :.-")
-    if not title:
-        return ParsedAnswer(None, "empty", whole is not None, think)
-    mapped = map_title(title, version)
-    if mapped.ok and mapped.drg in table:
-        return ParsedAnswer(mapped.drg, "ok", whole is not None, think)
-    return ParsedAnswer(None, "invalid_drg", whole is not None, think)
-
-
-def answer_closed(text: str) -> bool:
-    """True once ``text`` contains a closing ``</answer>`` tag (any case and spacing the parser accepts)."""
-    return _CLOSE.search(text) is not None
-
-
-def _think_text(text: str) -> str:
-    match = re.search(r"<\s*think\s*>(.*?)(?:<\s*/\s*think\s*>|<\s*answer\s*>|$)", text, re.IGNORECASE | re.DOTALL)
-    return match.group(1).strip() if match else ""
-
+from drg_llama.drg import DRGFacts
+from drg_llama.drg.answers import ParsedAnswer, completion_text, parse_answer
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reward functions (TRL signature)
@@ -200,7 +95,7 @@ def invalid_drg_penalty(completions: Sequence[Any], **kwargs: Any) -> list[float
     return [-1.0 if p.status == "invalid_drg" else 0.0 for p in _parsed(completions, kwargs)]
 
 
-#: Reward functions by the names configs use (``model.reward_funcs: [format, exact, invalid]``).
+#: Reward functions by the names configs use (``model.rewards.functions: [format, exact, invalid]``).
 REWARD_FUNCTIONS = {
     "format": format_reward,
     "exact": exact_drg_reward,
@@ -275,16 +170,10 @@ def score_answers(
 
 __all__ = [
     "REWARD_FUNCTIONS",
-    "STATUSES",
-    "ParsedAnswer",
-    "answer_closed",
-    "completion_text",
     "exact_drg_reward",
-    "format_answer",
     "format_reward",
     "invalid_drg_penalty",
     "majority_vote",
-    "parse_answer",
     "partial_drg_reward",
     "score_answers",
 ]
