@@ -1,6 +1,6 @@
 """Cost of one training step of the embedded demo's model by depth and context, and a fit of how it grows.
 
-    python benchmarks/cpu_step_cost.py --json step_cost.json                    # the sweep's grid, ~10 min on 2 cores
+    python benchmarks/cpu_step_cost.py --json step_cost.json                    # the sweep's grid, ~20 min on 2 cores
     python benchmarks/cpu_step_cost.py --depths 2,4 --contexts 64,128 --steps 2 # a quick look
 
 One step = what ``python -m drg_llama.train --variant two_label`` does per batch: the two_label ``DRGClassifier``

@@ -3,6 +3,7 @@
     python benchmarks/rollout_throughput.py --json rollout.json          # H100/H200: Qwen2.5-7B shape, 8 x G=8
     python benchmarks/rollout_throughput.py --device cpu --shape tiny-qwen2 --prompts 2 --group 2 \\
         --prompt-tokens 32 --new-tokens 8                                  # CPU smoke run, seconds
+    python benchmarks/rollout_throughput.py --profile 25                 # and the top 25 operators of our side
 
 Both sides sample from the same model object, in the same process, on the same device: a random-initialised model
 of the real shape (throughput does not depend on the weights' values) wrapped with LoRA r=8 on q/v as GRPO trains
@@ -69,6 +70,34 @@ def _timed(fn, device: torch.device, repeats: int) -> tuple[float, list[float], 
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), times, out
+
+
+def profile_ops(fn, device: torch.device, top: int) -> list[dict[str, Any]]:
+    """The ``top`` operators of one more run of ``fn`` by self time on the device (the host where there is none).
+
+    What a decode step spends its time on, which the rates alone cannot say: kernels (device time), or the host
+    issuing them (host time far above device time), or synchronisations (``cudaStreamSynchronize``, ``item``).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        device_us = getattr(e, "self_device_time_total", 0.0) or 0.0
+        rows.append(
+            {
+                "op": e.key[:120],
+                "calls": int(e.count),
+                "self_device_ms": device_us / 1e3,
+                "self_cpu_ms": e.self_cpu_time_total / 1e3,
+            }
+        )
+    key = "self_device_ms" if device.type == "cuda" else "self_cpu_ms"
+    return sorted(rows, key=lambda r: r[key], reverse=True)[:top]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,6 +167,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["sides"][name] = side
         print(f"{name:>18}: {json.dumps(side, default=str)}")
         _free(device)
+    if args.profile:
+        report["profile"] = profile_ops(ours, device, args.profile)
+        for row in report["profile"]:
+            print(f"  {row['self_device_ms']:10.1f} ms device {row['self_cpu_ms']:10.1f} ms host {row['calls']:7d}x  {row['op']}")
     rate = {name: side.get("completions_per_s", float("nan")) for name, side in report["sides"].items()}
     report["ratio"] = rate["ours"] / rate["reference"]
     report["ratio_dynamic_cache"] = rate["ours_dynamic_cache"] / rate["reference"]
@@ -163,6 +196,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per side (median reported)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.3, help="device memory bandwidth for the floor")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="after timing, profile one more run of ours: top N ops"
+    )
     parser.add_argument("--json", default=None, help="also write the report here")
     return parser.parse_args(argv)
 
