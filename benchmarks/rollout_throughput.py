@@ -170,7 +170,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         report["profile"] = profile_ops(ours, device, args.profile)
         for row in report["profile"]:
-            print(f"  {row['self_device_ms']:10.1f} ms device {row['self_cpu_ms']:10.1f} ms host {row['calls']:7d}x  {row['op']}")
+            print(
+                f"  {row['self_device_ms']:10.1f} ms device {row['self_cpu_ms']:10.1f} ms host"
+                f" {row['calls']:7d}x  {row['op']}"
+            )
     rate = {name: side.get("completions_per_s", float("nan")) for name, side in report["sides"].items()}
     report["ratio"] = rate["ours"] / rate["reference"]
     report["ratio_dynamic_cache"] = rate["ours_dynamic_cache"] / rate["reference"]

@@ -333,6 +333,28 @@ class PackedBatchSampler(LengthBucketSampler):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class ResumesMidEpoch:
+    """Mixin of the data modules: where training stands within the epoch, saved in every checkpoint.
+
+    Lightning calls ``state_dict`` when it saves a checkpoint and ``load_state_dict`` before it builds the train
+    loader of a resumed run; the module's sampler then skips what was trained (``skip_on_resume``), so a run resumed
+    mid-epoch sees each row once. Put it before ``LightningDataModule`` in the bases.
+    """
+
+    _resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: the epoch and the batches of it processed so far ({} outside a Trainer)."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": int(self.trainer.current_epoch), "batches": int(progress.processed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Keep the position for the next train loader (nothing to skip at an epoch boundary)."""
+        self._resume = state if state and state.get("batches") else None
+
+
 class Collator:
     """Pads a list of rows into the batch dict (see the module docstring) on ``padding_side``.
 

@@ -59,6 +59,7 @@ from drg_llama.data.batching import (
     PackedBatchSampler,
     PackedCollator,
     PackedRows,
+    ResumesMidEpoch,
     TokenizedSplit,
     packed_tokens,
     padded_tokens,
@@ -148,7 +149,7 @@ def _manifest_ok(folder: Path, version: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class DRGDataModule(LightningDataModule):
+class DRGDataModule(ResumesMidEpoch, LightningDataModule):
     """Prepared MS-DRG splits, tokenised once and batched by length, plus the label space for the model.
 
     Args:
@@ -243,7 +244,6 @@ class DRGDataModule(LightningDataModule):
         self._folder: PreparedFolder | None = None
         self._label_space: LabelSpace | None = None
         self._tokenizer = None
-        self._resume: dict[str, int] | None = None
         self._tokenizer_fp: str | None = None
         self._datasets: dict[str, TokenizedSplit] = {}
         self._predict: tuple[list[str], list[Any]] | None = None
@@ -541,17 +541,6 @@ class DRGDataModule(LightningDataModule):
         if self._resume is not None:
             loader.sampler.skip_on_resume(self._resume["epoch"], self._resume["batches"])
         return loader
-
-    def state_dict(self) -> dict[str, int]:
-        """Where training stands within the epoch, saved in every checkpoint (mid-epoch resume)."""
-        if self.trainer is None:
-            return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": int(self.trainer.current_epoch), "batches": int(progress.processed)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restored by Lightning before the train loader is built; the sampler then skips the trained batches."""
-        self._resume = state if state and state.get("batches") else None
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches sorted by length; an empty list when the split has no rows (drg_llama_2023)."""

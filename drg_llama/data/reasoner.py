@@ -47,6 +47,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
+from drg_llama.data.batching import ResumesMidEpoch
 from drg_llama.data.datamodule import DRGDataModule
 from drg_llama.data.tokenization import TRUNCATIONS, truncate_ids
 from drg_llama.drg import LabelSpace
@@ -187,7 +188,7 @@ class EpochShuffle(Sampler[int]):
 # The data module
 
 
-class ReasonerDataModule(LightningDataModule):
+class ReasonerDataModule(ResumesMidEpoch, LightningDataModule):
     """Prepared MS-DRG splits as prompts (and SFT targets) for the generative reasoner, plus its label space.
 
     Args:
@@ -260,7 +261,6 @@ class ReasonerDataModule(LightningDataModule):
         self.seed = seed
         self._tokenizer = None
         self._examples: dict[str, list[dict]] = {}
-        self._resume: dict[str, int] | None = None
         #: Why SFT targets are grounded or answer-only, counted over the rows built so far (never any text).
         self.rationale_counts: dict[str, int] = {}
 
@@ -399,17 +399,6 @@ class ReasonerDataModule(LightningDataModule):
         """Batches of prompts of arbitrary texts, in order (``row`` = position; ``drg_code`` -1: no gold)."""
         rows = [{"prompt": p, "drg_code": -1, "row": i} for i, p in enumerate(self.prompts(texts))]
         return self._loader(rows, self.eval_batch_size)
-
-    def state_dict(self) -> dict[str, int]:
-        """Where training stands within the epoch, saved in every checkpoint (mid-epoch resume)."""
-        if self.trainer is None:
-            return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": int(self.trainer.current_epoch), "batches": int(progress.processed)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restored by Lightning before the train loader is built; the sampler then skips the trained rows."""
-        self._resume = state if state and state.get("batches") else None
 
 
 __all__ = [
