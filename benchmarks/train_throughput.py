@@ -8,8 +8,8 @@
         --train-samples 16 --eval-samples 16                                 # CPU smoke test, seconds
 
 Both sides run in the same process on the same device, one after the other, on random-initialised models of the
-real shapes (throughput does not depend on weight values; RESOURCES.md), bf16 on CUDA, SDPA, LoRA r=8 on q/v
-(DESIGN.md §4), the same pool of notes and the same batch size:
+real shapes (throughput does not depend on weight values), bf16 on CUDA, SDPA, LoRA r=8 on q/v, the same pool of notes
+and the same batch size:
 
 * **ours**: ``DRGClassifier.training_step`` run by ``lightning.Trainer.fit`` (AdamW, LR schedule, logging; the
   project's precision policy: bf16 frozen base, fp32 LoRA + head, ``bf16-mixed`` autocast)

@@ -18,11 +18,12 @@ Definitions (also in the README):
   per stay ``|w(pred) - w(gold)|``; case-mix index (CMI) = mean weight; dollars = weight x base rate.
 * **Frequency bands**: DRGs sorted by training count; *head* = the most frequent DRGs that hold the first 50% of
   training stays, *torso* the next 30%, *tail* the rest and every DRG unseen in training.
-* **Severity confusion**: each DRG maps to its *allowed severity set* (DESIGN.md §2), one of six labels ordered by
-  severity: NONE (without CC/MCC), NONE|CC (without MCC), CC (with CC), CC|MCC (with CC/MCC), MCC (with MCC),
-  ANY (no severity split). Rows are the gold DRG's set, columns the predicted DRG's. The diagonal share equals
-  ``severity_acc`` of :func:`drg_llama.metrics.score_predictions` except for gold DRGs unseen in training: the
-  matrix still places them by their own allowed set, ``severity_acc`` counts them as errors.
+* **Severity confusion**: each DRG maps to its *allowed severity set* (the severities its family admits for it),
+  one of six labels ordered by severity: NONE (without CC/MCC), NONE|CC (without MCC), CC (with CC), CC|MCC
+  (with CC/MCC), MCC (with MCC), ANY (no severity split). Rows are the gold DRG's set, columns the predicted
+  DRG's. The diagonal share equals ``severity_acc`` of :func:`drg_llama.metrics.score_predictions` except for gold
+  DRGs unseen in training: the matrix still places them by their own allowed set, ``severity_acc`` counts them as
+  errors.
 """
 
 from __future__ import annotations

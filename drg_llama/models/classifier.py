@@ -1,6 +1,6 @@
 """``DRGClassifier``: one LightningModule for the single_label and two_label MS-DRG classifiers.
 
-The label space decides everything variant-specific (DESIGN.md §2, STYLE.md):
+The label space decides everything variant-specific:
 
 * ``single_label``: the score layer has one output per DRG; loss = cross-entropy.
 * ``two_label``: the score layer has ``n_base + 3`` outputs (base DRG, then NONE/CC/MCC); loss = cross-entropy over
