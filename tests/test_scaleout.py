@@ -60,6 +60,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_agree_and_score_every_test_row_once(cache, tmp_path):
     prepared = DRGDataModule(synthetic_n=300).prepared_dir  # the tiny config's corpus, built before both nodes start
     n_test = min(len(pd.read_parquet(prepared / "test.parquet")), 40)  # tiny.yaml's limit_test

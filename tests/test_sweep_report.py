@@ -260,6 +260,7 @@ def test_notebooks_are_stored_without_outputs():
         assert '"output_type"' not in path.read_text(), f"{path.name} is stored with outputs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes_on_tiny_runs(swept, path, monkeypatch):
     monkeypatch.setenv("DRG_LLAMA_RUNS", str(swept))  # the kernel inherits the environment

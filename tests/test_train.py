@@ -330,10 +330,11 @@ def test_ddp_two_processes_agree(cache, runs, tmp_path):
     run_dir = tmp_path / "runs" / "single_label" / "version_0"
     logged = pd.read_csv(run_dir / "metrics.csv").dropna(subset=["val/top1"]).iloc[-1]
     evaluated = evaluate_run(run_dir, "val")["metrics"]
-    for key in ("top1", "top5", "top10", "macro_f1_present"):
+    for key in ("top1", "top5", "top10", "macro_f1_present", "ece", "base_acc", "severity_acc"):
         assert logged[f"val/{key}"] == pytest.approx(evaluated[key], abs=1e-6), key
-    # AUROC in the loop is read from 400-bin score histograms (no probabilities gathered); metrics.py is exact.
-    assert logged["val/macro_auc"] == pytest.approx(evaluated["macro_auc"], abs=0.01)
+    # AUROC in the loop is read from 400-bin log-probability histograms (no probabilities gathered) and metrics.py's
+    # is exact; this untrained tiny model scores every class almost alike, so many scores tie within one bin.
+    assert logged["val/macro_auc"] == pytest.approx(evaluated["macro_auc"], abs=0.02)
 
 
 class Killed(RuntimeError):
