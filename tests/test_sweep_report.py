@@ -274,6 +274,20 @@ def test_notebook_executes_on_tiny_runs(swept, path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} drew no figure"
 
 
+@pytest.mark.slow
+def test_sweep_notebook_reads_the_shipped_cpu_sweep_by_default(monkeypatch):
+    """Out of the box, notebook 02 draws the measured CPU sweep committed in docs/ (no sweep of one's own needed)."""
+    monkeypatch.delenv("DRG_LLAMA_SWEEP", raising=False)
+    path = next(p for p in NOTEBOOKS if p.stem.startswith("02_"))
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # depth lines, context, size
+
+
 def test_report_has_every_section_and_no_external_reference(swept, tmp_path):
     page = build_report([swept])
     for anchor, heading in SECTIONS:
