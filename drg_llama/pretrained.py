@@ -160,9 +160,14 @@ def convert_gguf(gguf_path: str | Path, cache_dir: str | Path | None = None) -> 
     if (folder / "config.json").is_file():
         return folder
     logger.info("Converting GGUF %s to %s (once; later loads reuse the folder).", gguf_path, folder)
+    import torch
+
     start = time.perf_counter()
-    model, tokenizer = load_gguf_dequantized(gguf_path)
-    save_dequantized(model, tokenizer, folder)
+    # Rebuilding the model from its config draws random initial weights; on the caller's generator that would make a
+    # run's LoRA and head initialisation depend on whether the cache was warm (a first run differed from later ones).
+    with torch.random.fork_rng(devices=[]):
+        model, tokenizer = load_gguf_dequantized(gguf_path)
+        save_dequantized(model, tokenizer, folder)
     logger.info("GGUF conversion took %.1f s.", time.perf_counter() - start)
     return folder
 
