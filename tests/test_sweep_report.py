@@ -260,16 +260,21 @@ def test_notebooks_are_stored_without_outputs():
         assert '"output_type"' not in path.read_text(), f"{path.name} is stored with outputs"
 
 
+def _execute(path):
+    """Run a notebook from its own folder (as a user opens it); returns the outputs of its code cells."""
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
+    return [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes_on_tiny_runs(swept, path, monkeypatch):
     monkeypatch.setenv("DRG_LLAMA_RUNS", str(swept))  # the kernel inherits the environment
     monkeypatch.setenv("DRG_LLAMA_SWEEP", str(swept))
-    notebook = nbformat.read(path, as_version=4)
-    NotebookClient(
-        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    outputs = _execute(path)
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} drew no figure"
 
@@ -278,12 +283,7 @@ def test_notebook_executes_on_tiny_runs(swept, path, monkeypatch):
 def test_sweep_notebook_reads_the_shipped_cpu_sweep_by_default(monkeypatch):
     """Out of the box, notebook 02 draws the measured CPU sweep committed in docs/ (no sweep of one's own needed)."""
     monkeypatch.delenv("DRG_LLAMA_SWEEP", raising=False)
-    path = next(p for p in NOTEBOOKS if p.stem.startswith("02_"))
-    notebook = nbformat.read(path, as_version=4)
-    NotebookClient(
-        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    outputs = _execute(next(p for p in NOTEBOOKS if p.stem.startswith("02_")))
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # depth lines, context, size
 
